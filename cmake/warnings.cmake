@@ -11,7 +11,7 @@ target_compile_definitions(pw_warnings INTERFACE _GNU_SOURCE)
 
 if(PW_SANITIZE)
   set(pw_san -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
-  add_compile_options($<$<COMPILE_LANGUAGE:C>:${pw_san}>)
+  add_compile_options("$<$<COMPILE_LANGUAGE:C>:${pw_san}>")
   add_link_options(${pw_san})
 endif()
 

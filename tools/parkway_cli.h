@@ -1,0 +1,19 @@
+/*
+ * parkway CLI: one function per subcommand, dispatched by tools/parkway.c.
+ * Each takes argv with argv[0] = the subcommand name and returns the process exit code
+ * (0 success, 2 bad input or configuration, 1 other failure). Results go to stdout,
+ * diagnostics to stderr.
+ */
+#ifndef PARKWAY_CLI_H
+#define PARKWAY_CLI_H
+
+/* parkway up: the whole stack on this machine (tools/parkway_up.c). */
+int parkway_cmd_up(int argc, char **argv);
+
+/* parkway fn validate|show: function specs (tools/parkway_fn.c). */
+int parkway_cmd_fn(int argc, char **argv);
+
+/* Directory holding the running `parkway` executable (no trailing slash); "." if unknown. */
+const char *parkway_exe_dir(void);
+
+#endif
