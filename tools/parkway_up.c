@@ -1,0 +1,300 @@
+/*
+ * parkway up: runs the whole stack on this machine in the foreground.
+ *
+ *   1. a redis-server of its own (AOF in <state>/redis, loopback only),
+ *   2. the function specs of --functions registered in Redis (pw:functions),
+ *   3. an API key for this stack: made once, its SHA-256 stored in pw:keys, the key itself
+ *      kept only in <state>/env (mode 0600) so a second `parkway up` prints the same one,
+ *   4. the router and scaler, when their executables are built (the scaler starts engines),
+ *   5. <state>/env with OPENAI_BASE_URL and OPENAI_API_KEY, and both printed on stdout.
+ * Ctrl-C (SIGINT) or SIGTERM stops the children in reverse order. If a child dies, the
+ * stack is stopped and up exits 1. Single-threaded; signals are taken synchronously.
+ */
+#include "parkway_cli.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <hiredis/hiredis.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "parkway_stack.h"
+#include "pw_clock.h"
+#include "pw_err.h"
+#include "pw_log.h"
+#include "pw_spec.h"
+
+#define UP_MAX_CHILDREN 8
+
+struct up_child {
+    char name[32];
+    pid_t pid; /* 0 once reaped */
+};
+
+struct up {
+    struct parkway_stack_opts opts;
+    struct up_child children[UP_MAX_CHILDREN];
+    int n_children;
+};
+
+static void up_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: parkway up [options]\n"
+            "  --state-dir DIR    state (redis data, env, logs); default $PARKWAY_STATE_DIR or\n"
+            "                     ~/.local/state/parkway\n"
+            "  --functions DIR    function specs to serve (default ./functions)\n"
+            "  --port N           router port on 127.0.0.1 (default 8080)\n"
+            "  --redis-port N     port of the stack's own redis-server (default 6390)\n"
+            "  --new-key          make a new API key even if the state dir has one\n");
+}
+
+static enum pw_err spawn(struct up *up, const char *name, char *const argv[], const char *log_path)
+{
+    if (up->n_children >= UP_MAX_CHILDREN)
+        return PW_ERR_INTERNAL;
+    pid_t pid = fork();
+    if (pid < 0)
+        return PW_ERR_IO;
+    if (pid == 0) {
+        /* The stack must not outlive `parkway up`, even if up is killed with SIGKILL. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        if (log_path) {
+            int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+            if (fd >= 0) {
+                dup2(fd, STDOUT_FILENO);
+                dup2(fd, STDERR_FILENO);
+            }
+        }
+        execvp(argv[0], argv);
+        fprintf(stderr, "parkway up: cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    struct up_child *c = &up->children[up->n_children++];
+    snprintf(c->name, sizeof c->name, "%s", name);
+    c->pid = pid;
+    PW_LOG_INFO("event=child_started name=%s pid=%d", name, (int)pid);
+    return PW_OK;
+}
+
+/* Stops children newest first: SIGTERM, up to 15 s to drain, then SIGKILL. */
+static void stop_all(struct up *up)
+{
+    for (int i = up->n_children - 1; i >= 0; i--) {
+        struct up_child *c = &up->children[i];
+        if (c->pid <= 0)
+            continue;
+        kill(c->pid, SIGTERM);
+        uint64_t until = pw_clock_mono_ms() + 15000;
+        int status;
+        for (;;) {
+            pid_t r = waitpid(c->pid, &status, WNOHANG);
+            if (r == c->pid || (r < 0 && errno == ECHILD))
+                break;
+            if (pw_clock_mono_ms() > until) {
+                PW_LOG_WARN("event=child_kill name=%s pid=%d reason=stop_timeout", c->name,
+                            (int)c->pid);
+                kill(c->pid, SIGKILL);
+                waitpid(c->pid, &status, 0);
+                break;
+            }
+            struct timespec ts = {0, 20 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
+        PW_LOG_INFO("event=child_stopped name=%s pid=%d", c->name, (int)c->pid);
+        c->pid = 0;
+    }
+}
+
+static bool exe_exists(const char *path)
+{
+    return access(path, X_OK) == 0;
+}
+
+int parkway_cmd_up(int argc, char **argv)
+{
+    struct up up = {0};
+    parkway_stack_opts_default(&up.opts);
+    bool new_key = false;
+
+    static const struct option longopts[] = {
+        {"state-dir", required_argument, NULL, 's'}, {"functions", required_argument, NULL, 'f'},
+        {"port", required_argument, NULL, 'p'},      {"redis-port", required_argument, NULL, 'r'},
+        {"new-key", no_argument, NULL, 'k'},         {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int opt;
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 's':
+            snprintf(up.opts.state_dir, sizeof up.opts.state_dir, "%s", optarg);
+            break;
+        case 'f':
+            snprintf(up.opts.functions_dir, sizeof up.opts.functions_dir, "%s", optarg);
+            break;
+        case 'p':
+        case 'r': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || v < 1 || v > 65535) {
+                fprintf(stderr, "parkway up: --%s: not a port: %s\n",
+                        opt == 'p' ? "port" : "redis-port", optarg);
+                return 2;
+            }
+            if (opt == 'p')
+                up.opts.router_port = (int)v;
+            else
+                up.opts.redis_port = (int)v;
+            break;
+        }
+        case 'k':
+            new_key = true;
+            break;
+        case 'h':
+            up_usage(stdout);
+            return 0;
+        default:
+            up_usage(stderr);
+            return 2;
+        }
+    }
+
+    char err[512] = "";
+    struct pw_spec_set specs = {0};
+    char key[128] = "";
+    int rc = 1;
+
+    /* Bad specs are the user's input: report them before anything starts. */
+    enum pw_err e = pw_spec_load_dir(up.opts.functions_dir, &specs, err, sizeof err);
+    if (e) {
+        fprintf(stderr, "%s\n", err);
+        return pw_err_exit_code(e);
+    }
+    if (specs.count == 0) {
+        fprintf(stderr, "parkway up: no function specs in %s\n", up.opts.functions_dir);
+        return 2;
+    }
+
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &sigs, NULL);
+
+    e = parkway_stack_prepare_dirs(&up.opts, err, sizeof err);
+    if (e)
+        goto fail;
+
+    char conf[PATH_MAX + 32], redis_log[PATH_MAX + 32];
+    e = parkway_stack_write_redis_conf(&up.opts, conf, sizeof conf, err, sizeof err);
+    if (e)
+        goto fail;
+    snprintf(redis_log, sizeof redis_log, "%s/redis/redis.log", up.opts.state_dir);
+    char *redis_argv[] = {"redis-server", conf, NULL};
+    if (spawn(&up, "redis", redis_argv, redis_log)) {
+        snprintf(err, sizeof err, "cannot start redis-server");
+        goto fail;
+    }
+    e = parkway_stack_wait_redis(&up.opts, 10000, err, sizeof err);
+    if (e)
+        goto fail;
+
+    e = parkway_stack_register_functions(&up.opts, &specs, err, sizeof err);
+    if (e)
+        goto fail;
+    e = parkway_stack_ensure_key(&up.opts, new_key, key, sizeof key, err, sizeof err);
+    if (e)
+        goto fail;
+
+    /* The router and scaler join the stack as their issues land; say what runs. */
+    const char *exe_dir = parkway_exe_dir();
+    char router_exe[PATH_MAX], scaler_exe[PATH_MAX];
+    snprintf(router_exe, sizeof router_exe, "%s/../router/parkway-router", exe_dir);
+    snprintf(scaler_exe, sizeof scaler_exe, "%s/../scaler/parkway-scaler", exe_dir);
+    char redis_url[64], port_s[16];
+    snprintf(redis_url, sizeof redis_url, "redis://127.0.0.1:%d", up.opts.redis_port);
+    snprintf(port_s, sizeof port_s, "%d", up.opts.router_port);
+    bool have_router = exe_exists(router_exe), have_scaler = exe_exists(scaler_exe);
+    if (have_router) {
+        char *a[] = {router_exe, "--redis", redis_url, "--listen", "127.0.0.1", "--port", port_s,
+                     NULL};
+        if (spawn(&up, "router", a, NULL))
+            goto fail;
+    }
+    if (have_scaler) {
+        char *a[] = {scaler_exe, "--redis", redis_url, "--functions", up.opts.functions_dir,
+                     NULL};
+        if (spawn(&up, "scaler", a, NULL))
+            goto fail;
+    }
+
+    e = parkway_stack_write_env(&up.opts, key, err, sizeof err);
+    if (e)
+        goto fail;
+
+    printf("parkway is up\n");
+    printf("  OPENAI_BASE_URL=http://127.0.0.1:%d/v1\n", up.opts.router_port);
+    printf("  OPENAI_API_KEY=%s\n", key);
+    printf("  redis            %s (data in %s/redis)\n", redis_url, up.opts.state_dir);
+    for (size_t i = 0; i < specs.count; i++)
+        printf("  function         %s\n", specs.specs[i]->name);
+    printf("  router           %s\n", have_router ? "running" : "not built yet");
+    printf("  scaler + engines %s\n", have_scaler ? "running" : "not built yet");
+    printf("  env file         %s/env\n", up.opts.state_dir);
+    printf("Ctrl-C stops the stack.\n");
+    fflush(stdout);
+
+    for (;;) {
+        int sig = sigwaitinfo(&sigs, NULL);
+        if (sig == SIGINT || sig == SIGTERM) {
+            PW_LOG_INFO("event=stopping signal=%d", sig);
+            rc = 0;
+            break;
+        }
+        if (sig == SIGCHLD) {
+            int status;
+            pid_t pid;
+            bool died = false;
+            while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+                for (int i = 0; i < up.n_children; i++) {
+                    if (up.children[i].pid == pid) {
+                        PW_LOG_ERROR("event=child_exited name=%s pid=%d status=%d",
+                                     up.children[i].name, (int)pid,
+                                     WIFEXITED(status) ? WEXITSTATUS(status)
+                                                       : 128 + WTERMSIG(status));
+                        up.children[i].pid = 0;
+                        died = true;
+                    }
+                }
+            }
+            if (died) {
+                rc = 1;
+                break;
+            }
+        }
+    }
+    stop_all(&up);
+    pw_spec_set_deinit(&specs);
+    return rc;
+
+fail:
+    fprintf(stderr, "parkway up: %s\n", err[0] ? err : pw_err_desc(e));
+    stop_all(&up);
+    pw_spec_set_deinit(&specs);
+    return e ? pw_err_exit_code(e) : 1;
+}
