@@ -68,15 +68,15 @@ struct engine_gguf_str {
 #define ENGINE_GGUF_MAX_DIMS 4
 
 struct engine_gguf_tensor {
-    const char *name;     /* NUL-terminated copy, owned by the engine_gguf */
-    uint32_t n_dims;      /* 1..4 */
+    const char *name;                  /* NUL-terminated copy, owned by the engine_gguf */
+    uint32_t n_dims;                   /* 1..4 */
     uint64_t ne[ENGINE_GGUF_MAX_DIMS]; /* elements per dim, ne[0] fastest; unused dims = 1 */
-    uint32_t type;        /* enum kernel_dtype (checked supported) */
-    uint64_t n_elems;     /* product of ne */
-    uint64_t size;        /* bytes of data */
-    uint64_t offset;      /* from the start of the data section, aligned */
-    const void *data;     /* into the mapping; aligned to general.alignment relative to the
-                             start of the file (so in memory too for a page-aligned mapping) */
+    uint32_t type;                     /* enum kernel_dtype (checked supported) */
+    uint64_t n_elems;                  /* product of ne */
+    uint64_t size;                     /* bytes of data */
+    uint64_t offset;                   /* from the start of the data section, aligned */
+    const void *data; /* into the mapping; aligned to general.alignment relative to the
+                         start of the file (so in memory too for a page-aligned mapping) */
 };
 
 struct engine_gguf;
@@ -109,12 +109,11 @@ size_t engine_gguf_n_kv(const struct engine_gguf *g);
 bool engine_gguf_kv_at(const struct engine_gguf *g, size_t i, struct engine_gguf_str *key,
                        enum engine_gguf_type *type);
 /* Value type of key; false if missing. */
-bool engine_gguf_kv_type(const struct engine_gguf *g, const char *key,
-                         enum engine_gguf_type *type);
+bool engine_gguf_kv_type(const struct engine_gguf *g, const char *key, enum engine_gguf_type *type);
 
-/* Metadata lookup (O(log n) over keys sorted at open). Typed getters convert between integer widths when the value fits;
- * they return false when the key is missing or the type does not match. get_f32 and
- * arr_f32 take float32 and float64 values; get_i64/get_u64/get_u32 and arr_i64 take any
+/* Metadata lookup (O(log n) over keys sorted at open). Typed getters convert between integer widths
+ * when the value fits; they return false when the key is missing or the type does not match.
+ * get_f32 and arr_f32 take float32 and float64 values; get_i64/get_u64/get_u32 and arr_i64 take any
  * integer type whose value fits. */
 bool engine_gguf_has(const struct engine_gguf *g, const char *key);
 bool engine_gguf_get_u64(const struct engine_gguf *g, const char *key, uint64_t *out);
@@ -122,8 +121,7 @@ bool engine_gguf_get_u32(const struct engine_gguf *g, const char *key, uint32_t 
 bool engine_gguf_get_i64(const struct engine_gguf *g, const char *key, int64_t *out);
 bool engine_gguf_get_f32(const struct engine_gguf *g, const char *key, float *out);
 bool engine_gguf_get_bool(const struct engine_gguf *g, const char *key, bool *out);
-bool engine_gguf_get_str(const struct engine_gguf *g, const char *key,
-                         struct engine_gguf_str *out);
+bool engine_gguf_get_str(const struct engine_gguf *g, const char *key, struct engine_gguf_str *out);
 
 /*
  * Arrays: element type and length of the array at key; false if missing or not an array.
@@ -144,6 +142,6 @@ size_t engine_gguf_n_tensors(const struct engine_gguf *g);
 const struct engine_gguf_tensor *engine_gguf_tensor_at(const struct engine_gguf *g, size_t i);
 /* NULL if absent. O(log n). */
 const struct engine_gguf_tensor *engine_gguf_find_tensor(const struct engine_gguf *g,
-                                                        const char *name);
+                                                         const char *name);
 
 #endif

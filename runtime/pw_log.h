@@ -53,8 +53,9 @@ static inline bool pw_log_enabled(enum pw_log_level level)
 __attribute__((format(printf, 4, 5))) void pw_log_write(enum pw_log_level level,
                                                         const char *file, int line,
                                                         const char *fmt, ...);
-void pw_log_vwrite(enum pw_log_level level, const char *file, int line, const char *fmt,
-                   va_list ap);
+__attribute__((format(printf, 4, 0))) void pw_log_vwrite(enum pw_log_level level,
+                                                         const char *file, int line,
+                                                         const char *fmt, va_list ap);
 
 /*
  * Writes s into buf as a log value: bare if it has only safe characters, else in double

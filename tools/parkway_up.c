@@ -56,7 +56,9 @@ static void up_usage(FILE *out)
             "  --functions DIR    function specs to serve (default ./functions)\n"
             "  --port N           router port on 127.0.0.1 (default 8080)\n"
             "  --redis-port N     port of the stack's own redis-server (default 6390)\n"
-            "  --new-key          make a new API key even if the state dir has one\n");
+            "  --new-key          make a new API key even if the state dir has one\n"
+            "  --redis-only       start Redis and register specs and key, but no router,\n"
+            "                     scaler or engines (to run those by hand, and for tests)\n");
 }
 
 static enum pw_err spawn(struct up *up, const char *name, char *const argv[], const char *log_path)
@@ -128,13 +130,13 @@ int parkway_cmd_up(int argc, char **argv)
 {
     struct up up = {0};
     parkway_stack_opts_default(&up.opts);
-    bool new_key = false;
+    bool new_key = false, redis_only = false;
 
     static const struct option longopts[] = {
         {"state-dir", required_argument, NULL, 's'}, {"functions", required_argument, NULL, 'f'},
         {"port", required_argument, NULL, 'p'},      {"redis-port", required_argument, NULL, 'r'},
         {"new-key", no_argument, NULL, 'k'},         {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"redis-only", no_argument, NULL, 'o'},      {NULL, 0, NULL, 0},
     };
     int opt;
     optind = 1;
@@ -163,6 +165,9 @@ int parkway_cmd_up(int argc, char **argv)
         }
         case 'k':
             new_key = true;
+            break;
+        case 'o':
+            redis_only = true;
             break;
         case 'h':
             up_usage(stdout);
@@ -229,16 +234,16 @@ int parkway_cmd_up(int argc, char **argv)
     char redis_url[64], port_s[16];
     snprintf(redis_url, sizeof redis_url, "redis://127.0.0.1:%d", up.opts.redis_port);
     snprintf(port_s, sizeof port_s, "%d", up.opts.router_port);
-    bool have_router = exe_exists(router_exe), have_scaler = exe_exists(scaler_exe);
+    bool have_router = !redis_only && exe_exists(router_exe);
+    bool have_scaler = !redis_only && exe_exists(scaler_exe);
     if (have_router) {
-        char *a[] = {router_exe, "--redis", redis_url, "--listen", "127.0.0.1", "--port", port_s,
-                     NULL};
+        char *a[] = {router_exe,  "--redis", redis_url, "--listen",
+                     "127.0.0.1", "--port",  port_s,    NULL};
         if (spawn(&up, "router", a, NULL))
             goto fail;
     }
     if (have_scaler) {
-        char *a[] = {scaler_exe, "--redis", redis_url, "--functions", up.opts.functions_dir,
-                     NULL};
+        char *a[] = {scaler_exe, "--redis", redis_url, "--functions", up.opts.functions_dir, NULL};
         if (spawn(&up, "scaler", a, NULL))
             goto fail;
     }
@@ -253,8 +258,12 @@ int parkway_cmd_up(int argc, char **argv)
     printf("  redis            %s (data in %s/redis)\n", redis_url, up.opts.state_dir);
     for (size_t i = 0; i < specs.count; i++)
         printf("  function         %s\n", specs.specs[i]->name);
-    printf("  router           %s\n", have_router ? "running" : "not built yet");
-    printf("  scaler + engines %s\n", have_scaler ? "running" : "not built yet");
+    printf("  router           %s\n", have_router  ? "running"
+                                      : redis_only ? "not started (--redis-only)"
+                                                   : "not built yet");
+    printf("  scaler + engines %s\n", have_scaler  ? "running"
+                                      : redis_only ? "not started (--redis-only)"
+                                                   : "not built yet");
     printf("  env file         %s/env\n", up.opts.state_dir);
     printf("Ctrl-C stops the stack.\n");
     fflush(stdout);

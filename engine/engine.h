@@ -1,0 +1,75 @@
+/*
+ * engine: the parkway-engine process. Read this first.
+ *
+ * One process serves one function (one model). It runs in one of two modes:
+ *   offline  `parkway-engine --model F.gguf --prompt "..."`: generate once, print, exit;
+ *   worker   `parkway-engine --spec functions/x.yaml --redis URL`: join the function's
+ *            consumer group and serve InferenceRequests until SIGTERM (engine_worker.c).
+ * Both drive the same scheduler (engine_sched) over the same model and tokenizer.
+ *
+ * Threads: the main thread owns everything below; the CPU backend has its own compute
+ * threads inside each op.
+ */
+#ifndef ENGINE_H
+#define ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "engine_sampler.h"
+#include "engine_sched.h"
+#include "pw_err.h"
+
+struct kernel_backend;
+struct engine_model;
+struct engine_tokenizer;
+struct engine_chat;
+
+/* ---- command line ---- */
+struct engine_opts {
+    const char *model_path;    /* GGUF file (offline mode, or overrides the spec's model) */
+    const char *spec_path;     /* function spec (worker mode) */
+    const char *redis_url;     /* worker mode */
+    const char *worker_id;     /* default: host-pid */
+    const char *chat_template; /* override: chatml, llama2, llama3, mistral, zephyr */
+    int threads;               /* compute threads; 0 = one per online CPU */
+    uint32_t max_batch;        /* sequences decoded together */
+    uint32_t max_tok;          /* token rows per step (prefill chunk) */
+    uint32_t n_ctx;            /* context length served; 0 = the model's */
+    uint32_t n_kv_blocks;      /* KV blocks; 0 = enough for max_batch full contexts */
+
+    /* offline mode */
+    const char *prompt;
+    bool chat;           /* apply the chat template to --prompt as a user message */
+    bool ignore_eos;     /* keep generating past end-of-text (benchmarks) */
+    uint32_t max_tokens; /* 0 = until end of text or context */
+    struct engine_sampler_params sampling;
+};
+
+/* ---- the process ---- */
+struct engine {
+    struct engine_opts opts;
+    struct kernel_backend *be;    /* owned */
+    struct engine_model *model;   /* owned; holds the mapped GGUF */
+    struct engine_tokenizer *tok; /* owned */
+    struct engine_chat *chat;     /* owned; the chat template */
+    struct engine_sched *sched;   /* owned */
+    uint64_t load_ns;             /* wall time from start to ready, ns */
+};
+
+/*
+ * Creates backend, model, tokenizer, chat template and scheduler (with cb, whose userdata
+ * fields are per sequence). On failure fills err with one line and returns the error;
+ * engine_unload() is safe after a partial load.
+ */
+enum pw_err engine_load(struct engine *e, const struct engine_sched_cb *cb, char *err,
+                        size_t errcap);
+void engine_unload(struct engine *e);
+
+/* Offline mode: returns the process exit code. */
+int engine_offline_run(struct engine *e);
+
+/* Worker mode: returns the process exit code. */
+int engine_worker_run(struct engine *e);
+
+#endif

@@ -1,0 +1,222 @@
+/*
+ * kernel: the compute backend interface the engine's model code calls.
+ *
+ * A backend is a table of function pointers (struct kernel_ops) plus private state;
+ * kernels/cpu implements it today, kernels/cuda will implement the same table. The engine
+ * never looks inside a backend: it registers weights once at load, allocates its
+ * activation buffers and KV cache once at load, and then runs a forward step as a
+ * sequence of op calls on those buffers. The forward pass allocates nothing.
+ *
+ * Memory model
+ *   - "Device pointers" (float *x, ...) come from ops->alloc and live in the backend's
+ *     memory (host memory on the CPU backend, GPU memory on CUDA). Host code reads and
+ *     writes them only through ops->upload / ops->download.
+ *   - Weights are registered with ops->weight_create from host bytes in GGUF layout
+ *     (usually a view into the mmapped model file). The backend may repack them into its
+ *     preferred layout (the CPU backend interleaves 16 rows for int8 SIMD dot products);
+ *     a backend that repacks owns its copy, one that does not borrows the bytes, so the
+ *     caller keeps the mapping alive until ops->weight_destroy.
+ *   - struct kernel_batch and the other host arrays passed to ops are borrowed for the
+ *     duration of the call only.
+ *
+ * Ordering and errors
+ *   - Ops are issued from one thread at a time per backend (the engine's worker thread);
+ *     a backend is not thread-safe. Ops run in issue order. On the CPU backend every op
+ *     has finished when it returns (it uses its own thread pool internally); a device
+ *     backend may queue them, so results are visible to the host only after ops->sync or
+ *     ops->download.
+ *   - Setup calls (create, alloc, weight_create, kv_create, reserve) return enum pw_err.
+ *     Ops return void: their shapes are the caller's contract, and a violation is a
+ *     programmer error caught by PW_ASSERT. Device-side failures are reported by the
+ *     next ops->sync.
+ *
+ * Shapes: every activation is row-major, one row per token: x[n_tok][n] floats.
+ */
+#ifndef KERNEL_H
+#define KERNEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernel_quant.h"
+#include "pw_err.h"
+
+struct kernel_backend;
+struct kernel_weight;
+struct kernel_kv;
+
+/* Capability bits reported by ops->caps. */
+enum kernel_cap {
+    KERNEL_CAP_DEVICE_MEMORY = 1u << 0, /* device pointers are not host-addressable */
+    KERNEL_CAP_REPACKS = 1u << 1,       /* weight_create copies/repacks quantized weights */
+    KERNEL_CAP_INT8_DOT = 1u << 2,      /* quantized matmul uses integer dot products */
+};
+
+/*
+ * One forward step's token rows. Token i belongs to sequence seq[i], sits at position
+ * pos[i] of that sequence, and attends (causally) to that sequence's positions 0..pos[i].
+ * Prefill chunks and decode tokens of different sequences mix freely in one batch, in any
+ * order; the K/V of every position a token attends to must be in the cache before
+ * ops->attention runs (ops->kv_write writes this step's tokens first).
+ */
+struct kernel_batch {
+    uint32_t n_tok;             /* rows in this step */
+    const int32_t *tokens;      /* [n_tok] token ids (used by ops->embed) */
+    const int32_t *pos;         /* [n_tok] position of each token in its sequence, >= 0 */
+    const int32_t *seq;         /* [n_tok] sequence slot, 0 .. n_seq-1 */
+    uint32_t n_seq;             /* rows of block_table */
+    uint32_t max_blocks;        /* row stride of block_table, in entries */
+    const int32_t *block_table; /* [n_seq][max_blocks] physical KV block of each logical
+                                   block; logical block = pos / kv block_tokens */
+};
+
+/*
+ * Paged KV cache shape. K and V of every layer live in n_blocks physical blocks of
+ * block_tokens tokens each; a block id indexes the same block in every layer. Layout of
+ * one block of one layer (K and V alike), F16:
+ *
+ *   +-- kv head 0 --------------------+-- kv head 1 ----------- ... -+
+ *   | tok 0: head_dim | tok 1: ... |..| tok 0: head_dim | ...        |
+ *   +---------------------------------+------------------------ ... -+
+ *
+ * so the keys of one head inside a block are contiguous (block_tokens x head_dim).
+ */
+struct kernel_kv_desc {
+    uint32_t n_layer;
+    uint32_t n_kv_head;
+    uint32_t head_dim;       /* multiple of 2 */
+    uint32_t block_tokens;   /* tokens per block, e.g. 16 */
+    uint32_t n_blocks;       /* physical blocks */
+    enum kernel_dtype dtype; /* KERNEL_DTYPE_F16 (the only one supported today) */
+};
+
+/* One product of a matmul group: y[n_tok][w->n_out] (+)= x[n_tok][n_in] * w^T. */
+struct kernel_mm {
+    const struct kernel_weight *w;
+    float *y;        /* device pointer, row stride w's n_out */
+    bool accumulate; /* true: y += x w^T (fuses a residual add); false: y = x w^T */
+};
+
+struct kernel_ops {
+    /* Short backend name, e.g. "cpu-avx512". */
+    const char *(*name)(const struct kernel_backend *be);
+    /* enum kernel_cap bits. */
+    uint32_t (*caps)(const struct kernel_backend *be);
+    /* Frees the backend; every weight, buffer and KV cache must be destroyed first. */
+    void (*destroy)(struct kernel_backend *be);
+
+    /*
+     * Sizes internal scratch for steps of up to max_tok rows and rows of up to max_cols
+     * elements (the largest matmul input width, attention's q width included). Call once
+     * at load, before any op; ops with larger shapes are programmer errors.
+     */
+    enum pw_err (*reserve)(struct kernel_backend *be, uint32_t max_tok, uint32_t max_cols);
+
+    /* Device memory: 64-byte aligned, uninitialised. free(NULL) is a no-op. */
+    enum pw_err (*alloc)(struct kernel_backend *be, size_t bytes, void **out);
+    void (*free)(struct kernel_backend *be, void *ptr);
+    void (*upload)(struct kernel_backend *be, void *dst, const void *src, size_t bytes);
+    void (*download)(struct kernel_backend *be, void *dst, const void *src, size_t bytes);
+    /* Waits for queued ops; returns the first error since the last sync. */
+    enum pw_err (*sync)(struct kernel_backend *be);
+
+    /*
+     * Registers a weight of n_out rows of n_in elements, GGUF layout (row r at
+     * data + r * kernel_dtype_row_bytes(dtype, n_in)). n_in must be a multiple of the
+     * block size. Vectors (norm weights) are n_out = 1. `data` is borrowed until
+     * weight_destroy unless the backend reports KERNEL_CAP_REPACKS and copies it (it may
+     * still borrow F32/F16/BF16 data). Fails with UNSUPPORTED for other dtypes.
+     */
+    enum pw_err (*weight_create)(struct kernel_backend *be, enum kernel_dtype dtype, uint32_t n_out,
+                                 uint32_t n_in, const void *data, struct kernel_weight **out);
+    void (*weight_destroy)(struct kernel_backend *be, struct kernel_weight *w);
+
+    /* Allocates (and zeroes) a paged KV cache. */
+    enum pw_err (*kv_create)(struct kernel_backend *be, const struct kernel_kv_desc *desc,
+                             struct kernel_kv **out);
+    void (*kv_destroy)(struct kernel_backend *be, struct kernel_kv *kv);
+
+    /* ---- ops (see the file comment for ordering and errors) ---- */
+
+    /* out[i][:] = row tokens[i] of table (any supported dtype), dequantized. */
+    void (*embed)(struct kernel_backend *be, const struct kernel_weight *table,
+                  const struct kernel_batch *b, float *out);
+    /* y[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w; w is an F32 1 x n weight; y may be x. */
+    void (*rmsnorm)(struct kernel_backend *be, const float *x, const struct kernel_weight *w,
+                    float *y, uint32_t n_tok, uint32_t n, float eps);
+    /*
+     * For each of n_mm products (all with the same n_in): y = x w^T or y += x w^T.
+     * Quantized weights: x is quantized per 32-element block to 8 bits (scale amax/127)
+     * and the dot products are integer; float weights: float dot products.
+     * y must not overlap x.
+     */
+    void (*matmul)(struct kernel_backend *be, const float *x, uint32_t n_tok,
+                   const struct kernel_mm *mm, uint32_t n_mm);
+    /*
+     * Rotary embedding in place, Llama "normal" style (adjacent pairs x[2j], x[2j+1]
+     * rotated by pos * freq_base^(-2j/rope_dim), j < rope_dim/2; dims >= rope_dim kept).
+     * x is [n_tok][n_head * head_dim]; positions from b->pos.
+     */
+    void (*rope)(struct kernel_backend *be, float *x, const struct kernel_batch *b, uint32_t n_head,
+                 uint32_t head_dim, uint32_t rope_dim, float freq_base);
+    /* out = silu(gate) * up, n floats; out may alias gate or up. */
+    void (*swiglu)(struct kernel_backend *be, const float *gate, const float *up, float *out,
+                   size_t n);
+    /* y += x, n floats. */
+    void (*add)(struct kernel_backend *be, float *y, const float *x, size_t n);
+    /* Row-wise softmax in place: x is [n_rows][n]. */
+    void (*softmax)(struct kernel_backend *be, float *x, uint32_t n_rows, uint32_t n);
+    /* dst[i][:] = src[rows[i]][:] for i < n (rows is host memory); gathers logits rows. */
+    void (*copy_rows)(struct kernel_backend *be, float *dst, const float *src, const int32_t *rows,
+                      uint32_t n, uint32_t row_len);
+    /*
+     * Stores this step's K and V ([n_tok][n_kv_head * head_dim] each) into layer's cache
+     * at (seq[i], pos[i]) through the block table.
+     */
+    void (*kv_write)(struct kernel_backend *be, struct kernel_kv *kv, uint32_t layer,
+                     const struct kernel_batch *b, const float *k, const float *v);
+    /*
+     * Causal grouped-query attention over the paged cache: out[i] for query head h =
+     * softmax(scale * q[i]_h . K_g[0..pos[i]]) V_g[0..pos[i]] with g = h / (n_head /
+     * n_kv_head). q and out are [n_tok][n_head * head_dim]; they must not overlap.
+     */
+    void (*attention)(struct kernel_backend *be, const struct kernel_kv *kv, uint32_t layer,
+                      const struct kernel_batch *b, const float *q, float *out, uint32_t n_head,
+                      float scale);
+};
+
+/* Every backend starts with this header; the engine calls be->ops->x(be, ...). */
+struct kernel_backend {
+    const struct kernel_ops *ops;
+};
+
+/* Read-only view of a registered weight's shape. */
+struct kernel_weight_info {
+    enum kernel_dtype dtype;
+    uint32_t n_out;
+    uint32_t n_in;
+};
+
+/* Every weight handle starts with its info, so the engine can read shapes directly. */
+struct kernel_weight {
+    struct kernel_weight_info info;
+};
+
+/*
+ * Creates the CPU backend with n_threads compute threads (0: one per online CPU). The
+ * SIMD level is the best the CPU supports, or PW_KERNEL_ISA=scalar|avx2|avx512 from the
+ * environment (a level the CPU lacks fails with UNSUPPORTED). Destroy with
+ * be->ops->destroy(be).
+ */
+enum pw_err kernel_cpu_create(int n_threads, struct kernel_backend **out);
+
+/* Convenience for a single product: y (+)= x w^T. */
+static inline void kernel_matmul1(struct kernel_backend *be, const struct kernel_weight *w,
+                                  const float *x, uint32_t n_tok, float *y, bool accumulate)
+{
+    struct kernel_mm mm = {.w = w, .y = y, .accumulate = accumulate};
+    be->ops->matmul(be, x, n_tok, &mm, 1);
+}
+
+#endif

@@ -1,0 +1,199 @@
+/*
+ * fuzz_gguf: libFuzzer target for the GGUF reader (engine_gguf_open_memory), plus a replay
+ * driver (main, when built without -fsanitize=fuzzer) that runs every file named on the
+ * command line, or every file in a named directory, through the same entry point, so ctest
+ * replays the corpus under ASan without libFuzzer.
+ *
+ * On success the whole API surface is walked, touching the first and last byte of every
+ * string and tensor it hands out, so an accepted file that points out of bounds is caught.
+ */
+#include <dirent.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "engine_gguf.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static volatile uint8_t fuzz_sink;
+
+static void touch(const char *p, uint64_t len)
+{
+    if (len > 0)
+        fuzz_sink ^= (uint8_t)(p[0] ^ p[len - 1]);
+}
+
+static void walk(const struct engine_gguf *g)
+{
+    static char key[65536]; /* keys are at most 65535 bytes */
+    for (size_t i = 0; i < engine_gguf_n_kv(g); i++) {
+        struct engine_gguf_str k, s;
+        enum engine_gguf_type type, et;
+        uint64_t n, u;
+        int64_t v;
+        float f;
+        bool b;
+        const void *raw;
+        if (!engine_gguf_kv_at(g, i, &k, &type) || k.len >= sizeof(key))
+            abort();
+        memcpy(key, k.ptr, k.len);
+        key[k.len] = '\0';
+        (void)engine_gguf_get_u64(g, key, &u);
+        (void)engine_gguf_get_i64(g, key, &v);
+        (void)engine_gguf_get_f32(g, key, &f);
+        (void)engine_gguf_get_bool(g, key, &b);
+        if (engine_gguf_get_str(g, key, &s))
+            touch(s.ptr, s.len);
+        if (engine_gguf_get_arr(g, key, &et, &n) && n > 0) {
+            for (uint64_t j = 0; j < n && j < 64; j++) {
+                if (engine_gguf_arr_str(g, key, j, &s))
+                    touch(s.ptr, s.len);
+                (void)engine_gguf_arr_i64(g, key, j, &v);
+                (void)engine_gguf_arr_f32(g, key, j, &f);
+            }
+            if (engine_gguf_arr_str(g, key, n - 1, &s))
+                touch(s.ptr, s.len);
+            (void)engine_gguf_arr_i64(g, key, n - 1, &v);
+            (void)engine_gguf_arr_f32(g, key, n - 1, &f);
+            if (engine_gguf_arr_data(g, key, &raw))
+                fuzz_sink ^= *(const uint8_t *)raw;
+        }
+    }
+    for (size_t i = 0; i < engine_gguf_n_tensors(g); i++) {
+        const struct engine_gguf_tensor *t = engine_gguf_tensor_at(g, i);
+        touch(t->data, t->size);
+        if (engine_gguf_find_tensor(g, t->name) != t)
+            abort();
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct engine_gguf *g = NULL;
+    char err[256];
+    /* A private exact-size copy, so reads past the end hit ASan's redzone. */
+    uint8_t *copy = malloc(size ? size : 1);
+    if (!copy)
+        return 0;
+    memcpy(copy, data, size);
+    if (engine_gguf_open_memory(copy, size, &g, err, sizeof(err)) == PW_OK) {
+        walk(g);
+        engine_gguf_destroy(g);
+    } else if (g != NULL || err[0] == '\0' || strchr(err, '\n')) {
+        abort(); /* failures leave no object and give one line */
+    }
+    free(copy);
+    return 0;
+}
+
+#ifndef PW_FUZZ_LIBFUZZER
+static int replay_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "fuzz_gguf: cannot open %s\n", path);
+        return 1;
+    }
+    size_t cap = 1 << 16, n = 0;
+    uint8_t *buf = malloc(cap);
+    size_t r;
+    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            uint8_t *nb = realloc(buf, cap * 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    fclose(f);
+    if (!buf)
+        return 1;
+    LLVMFuzzerTestOneInput(buf, n);
+    free(buf);
+    return 0;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Replays every regular file in dir, in name order. */
+static int replay_dir(const char *dir, int *count)
+{
+    DIR *d = opendir(dir);
+    if (!d) {
+        fprintf(stderr, "fuzz_gguf: cannot open %s\n", dir);
+        return 1;
+    }
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    int rc = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            char **nn = realloc(names, cap * sizeof(*nn));
+            if (!nn) {
+                rc = 1;
+                break;
+            }
+            names = nn;
+        }
+        size_t len = strlen(dir) + strlen(e->d_name) + 2;
+        names[n] = malloc(len);
+        if (!names[n]) {
+            rc = 1;
+            break;
+        }
+        snprintf(names[n], len, "%s/%s", dir, e->d_name);
+        n++;
+    }
+    closedir(d);
+    if (n > 0)
+        qsort(names, n, sizeof(*names), cmp_str);
+    for (size_t i = 0; i < n; i++) {
+        struct stat st;
+        if (rc == 0 && stat(names[i], &st) == 0 && S_ISREG(st.st_mode)) {
+            rc = replay_file(names[i]);
+            (*count)++;
+        }
+        free(names[i]);
+    }
+    free(names);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    int count = 0;
+    for (int i = 1; i < argc; i++) {
+        struct stat st;
+        if (stat(argv[i], &st) != 0) {
+            fprintf(stderr, "fuzz_gguf: %s: not found\n", argv[i]);
+            return 1;
+        }
+        int rc;
+        if (S_ISDIR(st.st_mode)) {
+            rc = replay_dir(argv[i], &count);
+        } else {
+            rc = replay_file(argv[i]);
+            count++;
+        }
+        if (rc)
+            return rc;
+    }
+    printf("fuzz_gguf: replayed %d inputs\n", count);
+    return count > 0 ? 0 : 1;
+}
+#endif
