@@ -31,6 +31,7 @@ struct engine_opts {
     const char *spec_path;     /* function spec (worker mode) */
     const char *redis_url;     /* worker mode */
     const char *worker_id;     /* default: host-pid */
+    uint32_t claim_idle_ms;    /* claim pending entries idle this long (dead worker); 0 = 15 s */
     const char *chat_template; /* override: chatml, llama2, llama3, mistral, zephyr */
     int threads;               /* compute threads; 0 = one per online CPU */
     uint32_t max_batch;        /* sequences decoded together */

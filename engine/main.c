@@ -31,6 +31,8 @@ static void usage(FILE *out)
             "  --spec FILE            function spec\n"
             "  --redis URL            redis://host:port[/db] or unix:///path\n"
             "  --worker-id ID         default: host-pid\n"
+            "  --claim-idle-ms N      take over requests pending this long on a silent\n"
+            "                         worker (default 15000)\n"
             "common:\n"
             "  --model FILE           GGUF model (overrides the spec's)\n"
             "  --threads N            compute threads (default: one per CPU)\n"
@@ -104,6 +106,7 @@ int main(int argc, char **argv)
         O_KV_BLOCKS,
         O_TEMPLATE,
         O_HELP,
+        O_CLAIM_IDLE,
     };
     static const struct option longopts[] = {
         {"model", required_argument, NULL, O_MODEL},
@@ -129,6 +132,7 @@ int main(int argc, char **argv)
         {"kv-blocks", required_argument, NULL, O_KV_BLOCKS},
         {"chat-template", required_argument, NULL, O_TEMPLATE},
         {"help", no_argument, NULL, O_HELP},
+        {"claim-idle-ms", required_argument, NULL, O_CLAIM_IDLE},
         {NULL, 0, NULL, 0},
     };
     int opt, bad = 0;
@@ -209,6 +213,9 @@ int main(int argc, char **argv)
             break;
         case O_KV_BLOCKS:
             bad |= parse_u32("kv-blocks", optarg, 1u << 24, &o->n_kv_blocks);
+            break;
+        case O_CLAIM_IDLE:
+            bad |= parse_u32("claim-idle-ms", optarg, 86400000, &o->claim_idle_ms);
             break;
         case O_HELP:
             usage(stdout);

@@ -51,6 +51,22 @@ enum kernel_cap {
     KERNEL_CAP_DEVICE_MEMORY = 1u << 0, /* device pointers are not host-addressable */
     KERNEL_CAP_REPACKS = 1u << 1,       /* weight_create copies/repacks quantized weights */
     KERNEL_CAP_INT8_DOT = 1u << 2,      /* quantized matmul uses integer dot products */
+    KERNEL_CAP_ACT_Q8 = 1u << 3,        /* quantized matmul rounds activations to 8 bits */
+};
+
+/*
+ * Precision of the activations in quantized matmuls. Each row of x is quantized per
+ * 32-element block to integers with a per-block scale, then multiplied against the
+ * quantized weights with exact integer dot products:
+ *   Q16: 16 bits, d = amax / 32767. Error per element <= amax / 65534; the default.
+ *   Q8:  8 bits, d = amax / 127. About 1.2-1.6x faster, but a block holding an outlier
+ *        (real models have activations thousands of times their block's median) loses
+ *        the rest of the block, which changes greedy answers on SmolLM2.
+ */
+enum kernel_act {
+    KERNEL_ACT_DEFAULT = 0, /* PW_KERNEL_ACT=q8|q16 from the environment, else Q16 */
+    KERNEL_ACT_Q16,
+    KERNEL_ACT_Q8,
 };
 
 /*
@@ -147,9 +163,11 @@ struct kernel_ops {
                     float *y, uint32_t n_tok, uint32_t n, float eps);
     /*
      * For each of n_mm products (all with the same n_in): y = x w^T or y += x w^T.
-     * Quantized weights: x is quantized per 32-element block to 8 bits (scale amax/127)
-     * and the dot products are integer; float weights: float dot products.
-     * y must not overlap x.
+     * Quantized weights: x is quantized per 32-element block to 16 bits (scale
+     * amax/32767) or, with KERNEL_ACT_Q8, to 8 bits (scale amax/127), and the dot products
+     * are integer; float weights: float dot products. y must not overlap x.
+     * Batch invariance: row t of y depends only on row t of x and the weights, bit for
+     * bit: not on n_tok, on t, on the other rows, or on the thread count.
      */
     void (*matmul)(struct kernel_backend *be, const float *x, uint32_t n_tok,
                    const struct kernel_mm *mm, uint32_t n_mm);
@@ -203,12 +221,21 @@ struct kernel_weight {
     struct kernel_weight_info info;
 };
 
+/* Options of the CPU backend; zero-initialised means defaults. */
+struct kernel_cpu_opts {
+    int n_threads;       /* compute threads; 0: one per online CPU */
+    enum kernel_act act; /* activation precision of quantized matmuls */
+};
+
 /*
- * Creates the CPU backend with n_threads compute threads (0: one per online CPU). The
- * SIMD level is the best the CPU supports, or PW_KERNEL_ISA=scalar|avx2|avx512 from the
- * environment (a level the CPU lacks fails with UNSUPPORTED). Destroy with
- * be->ops->destroy(be).
+ * Creates the CPU backend. The SIMD level is the best the CPU supports, or
+ * PW_KERNEL_ISA=scalar|avx2|avx512 from the environment (a level the CPU lacks fails with
+ * UNSUPPORTED). opts->act KERNEL_ACT_DEFAULT reads PW_KERNEL_ACT=q8|q16 (other values fail
+ * with CONFIG), else uses Q16. Destroy with be->ops->destroy(be).
  */
+enum pw_err kernel_cpu_create_opts(const struct kernel_cpu_opts *opts, struct kernel_backend **out);
+
+/* kernel_cpu_create_opts with n_threads and the default activation precision. */
 enum pw_err kernel_cpu_create(int n_threads, struct kernel_backend **out);
 
 /* Convenience for a single product: y (+)= x w^T. */

@@ -33,6 +33,10 @@
 #define PW_KEY_WAKE "pw:wake"      /* pub/sub channel: router -> scaler */
 #define PW_KEY_EVENTS "pw:events"  /* stream: scaler decisions */
 #define PW_GROUP_ENGINES "engines" /* consumer group on pw:{fn}:q and pw:{fn}:b */
+#define PW_KEY_FUNCTIONS "pw:functions" /* hash: function name -> spec JSON (pw_spec_to_json) */
+/* The one field of every request and reply stream entry: a packed protobuf message
+ * (InferenceRequest on pw:{fn}:q and pw:{fn}:b, ReplyChunk on pw:reply:{router}). */
+#define PW_STREAM_FIELD "m"
 
 /* True when s is 1..PW_KEY_NAME_MAX bytes of [A-Za-z0-9._-]. */
 bool pw_key_name_ok(const char *s);

@@ -17,7 +17,7 @@
 #include "pw_keyspace.h"
 #include "pw_log.h"
 
-#define FUNCTIONS_KEY "pw:functions"
+#define FUNCTIONS_KEY PW_KEY_FUNCTIONS
 
 void parkway_stack_opts_default(struct parkway_stack_opts *o)
 {

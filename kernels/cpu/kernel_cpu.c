@@ -1,6 +1,7 @@
 /*
  * kernel_cpu: the CPU implementation of struct kernel_ops. It picks an ISA table at
- * create time (AVX-512 VNNI, AVX2, scalar; PW_KERNEL_ISA overrides), repacks quantized
+ * create time (AVX-512 VNNI, AVX2, scalar; PW_KERNEL_ISA overrides) and the activation
+ * precision of quantized matmuls (16-bit by default, 8-bit on request), repacks quantized
  * weights into the 16-row interleave (kernel_cpu_int.h), and splits matmul and attention
  * across its thread pool; the small element-wise ops run on the calling thread unless
  * they are large (prefill). All scratch is sized by reserve(), so ops never allocate.
@@ -37,7 +38,8 @@ struct cpu_backend {
     char name[32];
     uint32_t max_tok;   /* reserved rows per step */
     uint32_t max_cols;  /* reserved row width */
-    struct cpu_q8x *xq; /* [max_tok][max_cols / 32] quantized activations */
+    bool act_q8;        /* quantized matmuls use 8-bit activations (else 16-bit) */
+    void *xq;           /* [max_tok][max_cols / 32] cpu_q16x or cpu_q8x blocks */
     /* rope cos/sin cache, valid for rope_pos[0..rope_n) with rope_base/rope_dim */
     float *rope_cs;    /* [max_tok][CPU_ROPE_MAX_DIM] cos, sin interleaved */
     int32_t *rope_pos; /* [max_tok] */
@@ -208,7 +210,8 @@ static const char *cpu_name(const struct kernel_backend *be)
 static uint32_t cpu_caps(const struct kernel_backend *be)
 {
     const struct cpu_backend *c = (const struct cpu_backend *)be;
-    return KERNEL_CAP_REPACKS | (c->isa != &cpu_isa_scalar ? KERNEL_CAP_INT8_DOT : 0);
+    return KERNEL_CAP_REPACKS | (c->isa != &cpu_isa_scalar ? KERNEL_CAP_INT8_DOT : 0) |
+           (c->act_q8 ? KERNEL_CAP_ACT_Q8 : 0);
 }
 
 static void cpu_destroy(struct kernel_backend *be)
@@ -229,7 +232,9 @@ static enum pw_err cpu_reserve(struct kernel_backend *be, uint32_t max_tok, uint
     if (max_tok == 0 || max_cols == 0 || max_tok > (1u << 20) || max_cols > (1u << 20))
         return PW_ERR_RANGE;
     size_t nb = (size_t)(max_cols + KERNEL_QK - 1) / KERNEL_QK;
-    struct cpu_q8x *xq = alloc64((size_t)max_tok * nb * sizeof(*xq));
+    size_t blk = sizeof(struct cpu_q16x) > sizeof(struct cpu_q8x) ? sizeof(struct cpu_q16x)
+                                                                  : sizeof(struct cpu_q8x);
+    void *xq = alloc64((size_t)max_tok * nb * blk);
     float *cs = alloc64((size_t)max_tok * CPU_ROPE_MAX_DIM * sizeof(float));
     int32_t *pos = alloc64((size_t)max_tok * sizeof(int32_t));
     if (!xq || !cs || !pos) {
@@ -376,8 +381,11 @@ static void mm_units(struct mm_ctx *m, uint32_t u0, uint32_t u1)
         uint32_t e = (u1 < m->first[i + 1] ? u1 : m->first[i + 1]) - m->first[i];
         const struct cpu_weight *w = (const struct cpu_weight *)m->mm[i].w;
         size_t ldy = w->base.info.n_out;
-        if (w->tile_bytes) {
+        if (w->tile_bytes && m->c->act_q8) {
             isa->mm_q(w, m->c->xq, m->ldx, m->n_tok, a, e, m->mm[i].y, ldy, m->mm[i].accumulate);
+        } else if (w->tile_bytes) {
+            isa->mm_q16(w, m->c->xq, m->ldx, m->n_tok, a, e, m->mm[i].y, ldy,
+                        m->mm[i].accumulate);
         } else {
             uint32_t r0 = a * CPU_GROUP_ROWS, r1 = e * CPU_GROUP_ROWS;
             if (r1 > w->base.info.n_out)
@@ -394,8 +402,13 @@ static void mm_worker(void *ctx, int ith, int nth)
     if (m->quant) {
         uint32_t t0 = (uint32_t)((uint64_t)m->n_tok * (uint32_t)ith / (uint32_t)nth);
         uint32_t t1 = (uint32_t)((uint64_t)m->n_tok * (uint32_t)(ith + 1) / (uint32_t)nth);
-        for (uint32_t t = t0; t < t1; t++)
-            m->c->isa->quantize_x(m->x + (size_t)t * m->n_in, m->c->xq + t * m->ldx, m->ldx);
+        for (uint32_t t = t0; t < t1; t++) {
+            const float *xt = m->x + (size_t)t * m->n_in;
+            if (m->c->act_q8)
+                m->c->isa->quantize_x(xt, (struct cpu_q8x *)m->c->xq + t * m->ldx, m->ldx);
+            else
+                m->c->isa->quantize_x16(xt, (struct cpu_q16x *)m->c->xq + t * m->ldx, m->ldx);
+        }
         cpu_pool_barrier(&m->c->pool);
     }
     uint32_t total = m->first[m->n_mm];
@@ -721,7 +734,30 @@ static enum pw_err pick_isa(const struct cpu_isa **out)
     return PW_OK;
 }
 
+static enum pw_err pick_act(enum kernel_act want, bool *q8)
+{
+    if (want == KERNEL_ACT_DEFAULT) {
+        const char *env = getenv("PW_KERNEL_ACT");
+        if (!env || !*env || strcmp(env, "q16") == 0)
+            want = KERNEL_ACT_Q16;
+        else if (strcmp(env, "q8") == 0)
+            want = KERNEL_ACT_Q8;
+        else
+            return PW_ERR_CONFIG;
+    }
+    if (want != KERNEL_ACT_Q16 && want != KERNEL_ACT_Q8)
+        return PW_ERR_INVAL;
+    *q8 = want == KERNEL_ACT_Q8;
+    return PW_OK;
+}
+
 enum pw_err kernel_cpu_create(int n_threads, struct kernel_backend **out)
+{
+    struct kernel_cpu_opts o = {.n_threads = n_threads, .act = KERNEL_ACT_DEFAULT};
+    return kernel_cpu_create_opts(&o, out);
+}
+
+enum pw_err kernel_cpu_create_opts(const struct kernel_cpu_opts *opts, struct kernel_backend **out)
 {
     enum pw_err err;
     *out = NULL;
@@ -732,6 +768,14 @@ enum pw_err kernel_cpu_create(int n_threads, struct kernel_backend **out)
                      getenv("PW_KERNEL_ISA"));
         return err;
     }
+    bool act_q8;
+    err = pick_act(opts->act, &act_q8);
+    if (err) {
+        PW_LOG_ERROR("event=kernel_cpu_create err=%s act=%s", pw_err_name(err),
+                     getenv("PW_KERNEL_ACT"));
+        return err;
+    }
+    int n_threads = opts->n_threads;
     if (n_threads <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         n_threads = n > 0 ? (int)n : 1;
@@ -743,13 +787,15 @@ enum pw_err kernel_cpu_create(int n_threads, struct kernel_backend **out)
         return PW_ERR_NOMEM;
     c->base.ops = &cpu_ops;
     c->isa = isa;
+    c->act_q8 = act_q8;
     snprintf(c->name, sizeof(c->name), "cpu-%s", isa->name);
     err = cpu_pool_init(&c->pool, n_threads);
     if (err) {
         free(c);
         return err;
     }
-    PW_LOG_INFO("event=kernel_cpu_create isa=%s threads=%d", isa->name, n_threads);
+    PW_LOG_INFO("event=kernel_cpu_create isa=%s threads=%d act=%s", isa->name, n_threads,
+                act_q8 ? "q8" : "q16");
     *out = &c->base;
     return PW_OK;
 }

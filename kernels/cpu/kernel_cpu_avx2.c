@@ -234,6 +234,161 @@ static void mm_q(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx
     }
 }
 
+/* ---- 16-bit activations (vpmaddwd) ---- */
+
+static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * KERNEL_QK;
+        __m256 v[4];
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i]));
+        }
+        float amax = hmax8(a);
+        float d = amax / 32767.0f;
+        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++)
+            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)); /* nearest even */
+        int sum =
+            hsum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+        for (int i = 0; i < 4; i += 2) {
+            /* each 128-bit lane is one group of 4: order k, k+2, k+1, k+3 */
+            __m256i a0 = _mm256_shuffle_epi32(q[i], _MM_SHUFFLE(3, 1, 2, 0));
+            __m256i a1 = _mm256_shuffle_epi32(q[i + 1], _MM_SHUFFLE(3, 1, 2, 0));
+            /* packs works per 128-bit lane; the 64-bit permute restores element order */
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a0, a1),
+                                                 _MM_SHUFFLE(3, 1, 2, 0));
+            _mm256_storeu_si256((__m256i *)(out[b].qs + 8 * i), p);
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+        out[b].n8 = -8 * sum;
+        out[b].n128 = -128 * sum;
+    }
+}
+
+static ALWAYS_INLINE __m256i bcast16(const int16_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof(v));
+    return _mm256_set1_epi32(v);
+}
+
+/* 8 rows (half h of a group) x T tokens over all blocks, 16-bit activations. */
+static ALWAYS_INLINE void mk16(enum kernel_dtype dt, const uint8_t *gw, size_t nb, size_t tile,
+                               int h, const struct cpu_q16x *x, size_t ldx, int T, __m256 *acc)
+{
+    const __m256i m4 = _mm256_set1_epi16(0x000f);
+    const __m256i m8 = _mm256_set1_epi16(0x00ff);
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *tp = gw + b * tile;
+        __m256i ai[MK_T];
+        for (int t = 0; t < T; t++)
+            ai[t] = dt == KERNEL_DTYPE_Q4_0   ? _mm256_set1_epi32(x[t * ldx + b].n8)
+                    : dt == KERNEL_DTYPE_Q8_0 ? _mm256_set1_epi32(x[t * ldx + b].n128)
+                                              : _mm256_setzero_si256();
+        if (dt == KERNEL_DTYPE_Q8_0) {
+            for (int j = 0; j < 8; j++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(tp + 64 * j + 32 * h));
+                __m256i w0 = _mm256_and_si256(raw, m8);
+                __m256i w1 = _mm256_srli_epi16(raw, 8);
+                for (int t = 0; t < T; t++) {
+                    const int16_t *qs = x[t * ldx + b].qs;
+                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast16(qs + 4 * j)),
+                                                 _mm256_madd_epi16(w1, bcast16(qs + 4 * j + 2)));
+                    ai[t] = _mm256_add_epi32(ai[t], p);
+                }
+            }
+        } else {
+            for (int j = 0; j < 4; j++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(tp + 64 * j + 32 * h));
+                __m256i w0 = _mm256_and_si256(raw, m4);
+                __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 8), m4);
+                __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                __m256i w3 = _mm256_srli_epi16(raw, 12);
+                for (int t = 0; t < T; t++) {
+                    const int16_t *qs = x[t * ldx + b].qs;
+                    __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast16(qs + 4 * j)),
+                                                  _mm256_madd_epi16(w1, bcast16(qs + 4 * j + 2)));
+                    __m256i hi =
+                        _mm256_add_epi32(_mm256_madd_epi16(w2, bcast16(qs + 16 + 4 * j)),
+                                         _mm256_madd_epi16(w3, bcast16(qs + 16 + 4 * j + 2)));
+                    ai[t] = _mm256_add_epi32(ai[t], _mm256_add_epi32(lo, hi));
+                }
+            }
+        }
+        size_t dofs = dt == KERNEL_DTYPE_Q8_0 ? 512 : 256;
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tp + dofs + 16 * h)));
+        for (int t = 0; t < T; t++) {
+            const struct cpu_q16x *xb = &x[t * ldx + b];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[t]),
+                                     _mm256_mul_ps(dw, _mm256_set1_ps(xb->d)), acc[t]);
+        }
+        if (dt == KERNEL_DTYPE_Q4_1) {
+            __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tp + 288 + 16 * h)));
+            for (int t = 0; t < T; t++)
+                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x[t * ldx + b].s), acc[t]);
+        }
+    }
+}
+
+static ALWAYS_INLINE void mm16_tile(const struct cpu_weight *w, const uint8_t *gw,
+                                    const struct cpu_q16x *x, size_t ldx, int T, float *y,
+                                    size_t ldy, uint32_t row0, bool accum)
+{
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[MK_T];
+        switch (w->base.info.dtype) {
+        case KERNEL_DTYPE_Q4_0:
+            mk16(KERNEL_DTYPE_Q4_0, gw, w->n_blocks, w->tile_bytes, h, x, ldx, T, acc);
+            break;
+        case KERNEL_DTYPE_Q4_1:
+            mk16(KERNEL_DTYPE_Q4_1, gw, w->n_blocks, w->tile_bytes, h, x, ldx, T, acc);
+            break;
+        default:
+            mk16(KERNEL_DTYPE_Q8_0, gw, w->n_blocks, w->tile_bytes, h, x, ldx, T, acc);
+            break;
+        }
+        store8(acc, T, y, ldy, row0 + 8 * (uint32_t)h, w->base.info.n_out, accum);
+    }
+}
+
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
+                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+{
+    size_t gbytes = (size_t)w->n_blocks * w->tile_bytes;
+    for (uint32_t g = g0; g < g1; g++) {
+        const uint8_t *gw = (const uint8_t *)w->data + g * gbytes;
+        uint32_t row0 = g * CPU_GROUP_ROWS;
+        for (uint32_t t0 = 0; t0 < n_tok; t0 += MK_T) {
+            uint32_t T = n_tok - t0 < MK_T ? n_tok - t0 : MK_T;
+            const struct cpu_q16x *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy;
+            switch (T) {
+            case 1:
+                mm16_tile(w, gw, xt, ldx, 1, yt, ldy, row0, acc);
+                break;
+            case 2:
+                mm16_tile(w, gw, xt, ldx, 2, yt, ldy, row0, acc);
+                break;
+            case 3:
+                mm16_tile(w, gw, xt, ldx, 3, yt, ldy, row0, acc);
+                break;
+            default:
+                mm16_tile(w, gw, xt, ldx, 4, yt, ldy, row0, acc);
+                break;
+            }
+        }
+    }
+}
+
 static ALWAYS_INLINE __m256 load_w8(enum kernel_dtype dt, const void *row, size_t k)
 {
     switch (dt) {
@@ -447,6 +602,8 @@ const struct cpu_isa cpu_isa_avx2 = {
     .name = "avx2",
     .quantize_x = quantize_x,
     .mm_q = mm_q,
+    .quantize_x16 = quantize_x16,
+    .mm_q16 = mm_q16,
     .mm_f = mm_f,
     .rmsnorm = rmsnorm,
     .swiglu = swiglu,

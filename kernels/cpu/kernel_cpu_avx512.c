@@ -198,6 +198,188 @@ static void mm_q(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx
     }
 }
 
+/* ---- 16-bit activations (vpdpwssd) ---- */
+
+static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
+{
+    /* within each 4 elements: k, k+2, k+1, k+3 (kernel_cpu_int.h) */
+    const __m512i perm = _mm512_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+    for (size_t b = 0; b < nb; b++) {
+        __m512 v0 = _mm512_loadu_ps(x + b * KERNEL_QK);
+        __m512 v1 = _mm512_loadu_ps(x + b * KERNEL_QK + 16);
+        __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+        float amax = _mm512_reduce_max_ps(a);
+        float d = amax / 32767.0f;
+        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        __m512 vid = _mm512_set1_ps(id);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)); /* nearest even */
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        _mm256_storeu_si256((__m256i *)out[b].qs,
+                            _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(perm, q0)));
+        _mm256_storeu_si256((__m256i *)(out[b].qs + 16),
+                            _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(perm, q1)));
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+        out[b].n8 = -8 * sum;
+        out[b].n128 = -128 * sum;
+    }
+}
+
+static ALWAYS_INLINE __m512i bcast16(const int16_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof(v));
+    return _mm512_set1_epi32(v);
+}
+
+/* Applies one block's integer sums to the float accumulators (same for every T). */
+static ALWAYS_INLINE void scale16(const uint8_t *dptr, const uint8_t *mptr,
+                                  const struct cpu_q16x *x, size_t ldx, size_t b, int T,
+                                  const __m512i *ai, __m512 *acc)
+{
+    __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dptr));
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[t]),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(x[t * ldx + b].d)), acc[t]);
+    if (mptr) {
+        __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mptr));
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x[t * ldx + b].s), acc[t]);
+    }
+}
+
+/*
+ * 16 rows x T tokens, Q4_0 / Q4_1, 16-bit activations. Each 64-byte chunk unpacks into
+ * four word vectors (low/high nibble x even/odd byte). With few tokens the low- and
+ * high-nibble sums run as two dependency chains; integer sums are exact, so the split
+ * does not change results.
+ */
+static ALWAYS_INLINE void mk_q4_16(const uint8_t *gw, size_t nb, size_t tile,
+                                   const struct cpu_q16x *x, size_t ldx, int T, bool q41,
+                                   __m512 *acc)
+{
+    const __m512i m4 = _mm512_set1_epi16(0x000f);
+    const bool two = T <= 4;
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *tp = gw + b * tile;
+        __m512i ai[MK_T], bi[MK_T];
+        for (int t = 0; t < T; t++) {
+            ai[t] = q41 ? _mm512_setzero_si512() : _mm512_set1_epi32(x[t * ldx + b].n8);
+            bi[t] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 4; j++) {
+            __m512i raw = _mm512_loadu_si512(tp + 64 * j);
+            __m512i w0 = _mm512_and_si512(raw, m4);                        /* lo, b0 b2 */
+            __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m4);  /* lo, b1 b3 */
+            __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);  /* hi, b0 b2 */
+            __m512i w3 = _mm512_srli_epi16(raw, 12);                       /* hi, b1 b3 */
+            for (int t = 0; t < T; t++) {
+                const int16_t *qs = x[t * ldx + b].qs;
+                ai[t] = _mm512_dpwssd_epi32(ai[t], w0, bcast16(qs + 4 * j));
+                ai[t] = _mm512_dpwssd_epi32(ai[t], w1, bcast16(qs + 4 * j + 2));
+                if (two) {
+                    bi[t] = _mm512_dpwssd_epi32(bi[t], w2, bcast16(qs + 16 + 4 * j));
+                    bi[t] = _mm512_dpwssd_epi32(bi[t], w3, bcast16(qs + 16 + 4 * j + 2));
+                } else {
+                    ai[t] = _mm512_dpwssd_epi32(ai[t], w2, bcast16(qs + 16 + 4 * j));
+                    ai[t] = _mm512_dpwssd_epi32(ai[t], w3, bcast16(qs + 16 + 4 * j + 2));
+                }
+            }
+        }
+        if (two)
+            for (int t = 0; t < T; t++)
+                ai[t] = _mm512_add_epi32(ai[t], bi[t]);
+        scale16(tp + 256, q41 ? tp + 288 : NULL, x, ldx, b, T, ai, acc);
+    }
+}
+
+/* Q8_0 stored +128, 16-bit activations: words 0..255 times int16, n128 start value. */
+static ALWAYS_INLINE void mk_q8_16(const uint8_t *gw, size_t nb, size_t tile,
+                                   const struct cpu_q16x *x, size_t ldx, int T, __m512 *acc)
+{
+    const __m512i m8 = _mm512_set1_epi16(0x00ff);
+    const bool two = T <= 4;
+    for (int t = 0; t < T; t++)
+        acc[t] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *tp = gw + b * tile;
+        __m512i ai[MK_T], bi[MK_T];
+        for (int t = 0; t < T; t++) {
+            ai[t] = _mm512_set1_epi32(x[t * ldx + b].n128);
+            bi[t] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 8; j++) {
+            __m512i raw = _mm512_loadu_si512(tp + 64 * j);
+            __m512i w0 = _mm512_and_si512(raw, m8);
+            __m512i w1 = _mm512_srli_epi16(raw, 8);
+            for (int t = 0; t < T; t++) {
+                const int16_t *qs = x[t * ldx + b].qs;
+                ai[t] = _mm512_dpwssd_epi32(ai[t], w0, bcast16(qs + 4 * j));
+                if (two)
+                    bi[t] = _mm512_dpwssd_epi32(bi[t], w1, bcast16(qs + 4 * j + 2));
+                else
+                    ai[t] = _mm512_dpwssd_epi32(ai[t], w1, bcast16(qs + 4 * j + 2));
+            }
+        }
+        if (two)
+            for (int t = 0; t < T; t++)
+                ai[t] = _mm512_add_epi32(ai[t], bi[t]);
+        scale16(tp + 512, NULL, x, ldx, b, T, ai, acc);
+    }
+}
+
+static ALWAYS_INLINE void mm_q16_tile(const struct cpu_weight *w, const uint8_t *gw,
+                                      const struct cpu_q16x *x, size_t ldx, int T, float *y,
+                                      size_t ldy, uint32_t row0, bool accum)
+{
+    __m512 acc[MK_T];
+    switch (w->base.info.dtype) {
+    case KERNEL_DTYPE_Q4_0:
+        mk_q4_16(gw, w->n_blocks, w->tile_bytes, x, ldx, T, false, acc);
+        break;
+    case KERNEL_DTYPE_Q4_1:
+        mk_q4_16(gw, w->n_blocks, w->tile_bytes, x, ldx, T, true, acc);
+        break;
+    default:
+        mk_q8_16(gw, w->n_blocks, w->tile_bytes, x, ldx, T, acc);
+        break;
+    }
+    store_rows(acc, T, y, ldy, row0, w->base.info.n_out, accum);
+}
+
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
+                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+{
+    size_t gbytes = (size_t)w->n_blocks * w->tile_bytes;
+    for (uint32_t g = g0; g < g1; g++) {
+        const uint8_t *gw = (const uint8_t *)w->data + g * gbytes;
+        uint32_t row0 = g * CPU_GROUP_ROWS;
+        for (uint32_t t0 = 0; t0 < n_tok; t0 += MK_T) {
+            uint32_t T = n_tok - t0 < MK_T ? n_tok - t0 : MK_T;
+            const struct cpu_q16x *xt = x + t0 * ldx;
+            float *yt = y + t0 * ldy;
+            switch (T) {
+#define MM_CASE(n)                                                                                 \
+    case n:                                                                                        \
+        mm_q16_tile(w, gw, xt, ldx, n, yt, ldy, row0, acc);                                        \
+        break;
+                MM_CASE(1)
+                MM_CASE(2)
+                MM_CASE(3)
+                MM_CASE(4)
+                MM_CASE(5)
+                MM_CASE(6)
+                MM_CASE(7)
+                MM_CASE(8)
+#undef MM_CASE
+            }
+        }
+    }
+}
+
 static ALWAYS_INLINE __m512 load_w(enum kernel_dtype dt, const void *row, size_t k, __mmask16 m)
 {
     switch (dt) {
@@ -405,6 +587,8 @@ const struct cpu_isa cpu_isa_avx512 = {
     .name = "avx512",
     .quantize_x = quantize_x,
     .mm_q = mm_q,
+    .quantize_x16 = quantize_x16,
+    .mm_q16 = mm_q16,
     .mm_f = mm_f,
     .rmsnorm = rmsnorm,
     .swiglu = swiglu,

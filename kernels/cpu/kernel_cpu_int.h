@@ -19,10 +19,19 @@
  * Tiles of a group are consecutive along the row, groups follow each other, so a group's
  * whole row band streams sequentially. Same bytes as the GGUF rows (plus padding rows).
  *
- * Activations for integer dot products are quantized per 32 floats into struct
- * cpu_q8x: d = amax/127, qs = round(x/d), with the block sums the weight formats need:
+ * Activations for integer dot products are quantized per 32 floats, either to 16 bits
+ * (struct cpu_q16x, d = amax/32767: the default, precise path) or to 8 bits (struct
+ * cpu_q8x, d = amax/127: faster, but an outlier in a block wipes out the rest of it),
+ * qs = round(x/d), with the block sums the weight formats need:
  *   Q4_1: y += d_w d_x S + m_w (d_x sum);    Q4_0: y += d_w d_x (S - 8 sum);
  *   Q8_0 (stored +128): y += d_w d_x (S - 128 sum), where S = sum of stored q_w * q_x.
+ * S fits int32 on both paths: |S| <= 32 * 255 * 32767 < 2^28.
+ *
+ * 16-bit path: vpdpwssd / vpmaddwd multiply int16 pairs inside each dword lane. The
+ * weight tile's lane r holds bytes (b0 b1 b2 b3) of row r; masking its 16-bit words with
+ * 0x00ff (or 0x000f for nibbles) gives the pair (b0, b2), shifting them right by 8 gives
+ * (b1, b3). So cpu_q16x stores each 4 activations k..k+3 as (x[k], x[k+2], x[k+1],
+ * x[k+3]): one dword broadcast then pairs with each unpacked weight vector directly.
  */
 #ifndef KERNEL_CPU_INT_H
 #define KERNEL_CPU_INT_H
@@ -46,6 +55,21 @@ struct cpu_q8x {
     int32_t n128; /* -128 * sum(qs): initial accumulator for Q8_0 stored +128 */
     int8_t qs[KERNEL_QK];
 };
+
+/* One 32-element block of a 16-bit activation row. 80 bytes, 16-byte aligned. */
+struct cpu_q16x {
+    float d;      /* scale: amax / 32767 */
+    float s;      /* d * sum(qs) */
+    int32_t n8;   /* -8 * sum(qs) */
+    int32_t n128; /* -128 * sum(qs) */
+    int16_t qs[KERNEL_QK]; /* each group of 4 stored as x[k], x[k+2], x[k+1], x[k+3] */
+};
+
+/* Index in cpu_q16x.qs of activation element k of the block. */
+static inline int cpu_q16_pos(int k)
+{
+    return (k & ~3) | ((k & 1) << 1) | ((k & 2) >> 1);
+}
 
 struct cpu_weight {
     struct kernel_weight base; /* must be first */
@@ -92,6 +116,10 @@ struct cpu_isa {
      */
     void (*mm_q)(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx, uint32_t n_tok,
                  uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc);
+    /* The same for 16-bit activations. */
+    void (*quantize_x16)(const float *x, struct cpu_q16x *out, size_t nb);
+    void (*mm_q16)(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
+                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc);
     /* Float weights, rows [r0, r1) times n_tok float rows x (stride n_in). */
     void (*mm_f)(const struct cpu_weight *w, const float *x, uint32_t n_tok, uint32_t r0,
                  uint32_t r1, float *y, size_t ldy, bool acc);

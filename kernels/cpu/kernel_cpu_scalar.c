@@ -76,6 +76,74 @@ static void mm_q(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx
     }
 }
 
+static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
+{
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * KERNEL_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < KERNEL_QK; j++)
+            amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 32767.0f;
+        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < KERNEL_QK; j++) {
+            int q = (int)nearbyintf(xb[j] * id);
+            out[b].qs[cpu_q16_pos(j)] = (int16_t)q;
+            sum += q;
+        }
+        out[b].d = d;
+        out[b].s = d * (float)sum;
+        out[b].n8 = -8 * sum;
+        out[b].n128 = -128 * sum;
+    }
+}
+
+/* Weight k of lane r in a tile, as the unsigned value the integer dot product uses. */
+static int32_t tile_q(enum kernel_dtype dt, const uint8_t *tile, int r, int k)
+{
+    if (dt == KERNEL_DTYPE_Q8_0)
+        return tile[64 * (k / 4) + 4 * r + k % 4];
+    uint8_t q = tile[64 * ((k % 16) / 4) + 4 * r + k % 4];
+    return k < 16 ? (q & 0x0f) : (q >> 4);
+}
+
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
+                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+{
+    enum kernel_dtype dt = w->base.info.dtype;
+    const uint8_t *base = w->data;
+    int nchunk = dt == KERNEL_DTYPE_Q8_0 ? 8 : 4;
+    for (uint32_t g = g0; g < g1; g++) {
+        const uint8_t *gw = base + (size_t)g * w->n_blocks * w->tile_bytes;
+        for (uint32_t t = 0; t < n_tok; t++) {
+            float sums[CPU_GROUP_ROWS] = {0};
+            for (uint32_t b = 0; b < w->n_blocks; b++) {
+                const uint8_t *tile = gw + (size_t)b * w->tile_bytes;
+                const struct cpu_q16x *xb = &x[t * ldx + b];
+                const uint16_t *dw = (const uint16_t *)(tile + 64 * nchunk);
+                for (int r = 0; r < CPU_GROUP_ROWS; r++) {
+                    int32_t s = dt == KERNEL_DTYPE_Q4_0   ? xb->n8
+                                : dt == KERNEL_DTYPE_Q8_0 ? xb->n128
+                                                          : 0;
+                    for (int k = 0; k < KERNEL_QK; k++)
+                        s += tile_q(dt, tile, r, k) * xb->qs[cpu_q16_pos(k)];
+                    float d = kernel_fp16_to_fp32(dw[r]);
+                    sums[r] += d * (xb->d * (float)s);
+                    if (dt == KERNEL_DTYPE_Q4_1)
+                        sums[r] += kernel_fp16_to_fp32(dw[CPU_GROUP_ROWS + r]) * xb->s;
+                }
+            }
+            for (uint32_t r = 0; r < CPU_GROUP_ROWS; r++) {
+                uint32_t row = g * CPU_GROUP_ROWS + r;
+                if (row >= w->base.info.n_out)
+                    break;
+                float *o = &y[t * ldy + row];
+                *o = acc ? *o + sums[r] : sums[r];
+            }
+        }
+    }
+}
+
 static float load_f(enum kernel_dtype dt, const void *row, size_t k)
 {
     switch (dt) {
@@ -188,6 +256,8 @@ const struct cpu_isa cpu_isa_scalar = {
     .name = "scalar",
     .quantize_x = quantize_x,
     .mm_q = mm_q,
+    .quantize_x16 = quantize_x16,
+    .mm_q16 = mm_q16,
     .mm_f = mm_f,
     .rmsnorm = rmsnorm,
     .swiglu = swiglu,

@@ -1,0 +1,905 @@
+/*
+ * engine_worker: worker mode. Serves one function's requests from Redis until SIGTERM.
+ *
+ * Loop (one thread, blocking hiredis; the forward step dominates, Redis calls are
+ * pipelined around it):
+ *   1. heartbeat every second: WorkerStatus into pw:{fn}:workers, and XCLAIM of our own
+ *      in-flight entries (min-idle 0, JUSTID) so their idle time stays low;
+ *   2. claim entries whose idle time passed PW_WORKER_STALE_MS: their worker stopped
+ *      heartbeating (XAUTOCLAIM); they run again with attempt = deliveries - 1;
+ *   3. with free slots and not draining: XREADGROUP (blocking up to 1 s only when idle);
+ *   4. check cancel flags (pw:cancel:{id}) and deadlines of what runs;
+ *   5. one scheduler step; its callbacks queue ReplyChunks (XADD to each reply_to);
+ *   6. flush the pipeline; XACK each request after its last chunk is written.
+ * SIGTERM/SIGINT: stop reading, finish what runs, remove the heartbeat, exit 0.
+ * A request that cannot be served (malformed, too long, past its deadline) gets an error
+ * chunk when it names a reply stream, and is acknowledged; the worker goes on.
+ */
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "engine_chat.h"
+#include "engine_model.h"
+#include "engine_tokenizer.h"
+#include "kernel.h"
+#include "parkway.pb-c.h"
+#include "pw_clock.h"
+#include "pw_keyspace.h"
+#include "pw_log.h"
+#include "pw_proto.h"
+#include "pw_redis.h"
+#include "pw_spec.h"
+
+#define PW_WORKER_HEARTBEAT_MS 1000
+#define PW_WORKER_STALE_MS 15000        /* entry idle this long: its worker is gone */
+#define PW_WORKER_REPLY_MAXLEN "100000" /* reply streams are trimmed to about this */
+#define PW_WORKER_MAX_CHOICES 8
+
+struct worker;
+struct worker_req;
+
+struct worker_choice {
+    struct worker_req *req;
+    uint32_t index;
+    uint64_t seq_id; /* scheduler id, 0 = not submitted yet */
+    bool finished;
+};
+
+/* One InferenceRequest being served. */
+struct worker_req {
+    struct worker *w;
+    Parkway__InferenceRequest *msg; /* owned */
+    char entry_id[PW_STREAM_ID_MAX];
+    uint32_t attempt;
+    uint32_t seq;    /* next ReplyChunk seq */
+    int32_t *prompt; /* owned, n_prompt tokens */
+    uint32_t n_prompt;
+    struct pw_sampling sp;
+    uint32_t n_choices, n_finished;
+    struct worker_choice choices[PW_WORKER_MAX_CHOICES];
+    uint32_t completion_tokens, cached_tokens;
+    int64_t picked_ms, first_token_ms;
+    bool deadline_hit;
+    bool done; /* every choice finished and the done chunk queued */
+    struct worker_req *next;
+};
+
+struct worker {
+    struct engine *e;
+    redisContext *rc;
+    struct pw_spec *spec;
+    char fn[PW_KEY_NAME_MAX + 1];
+    char key_q[PW_KEY_MAX], key_workers[PW_KEY_MAX];
+    char worker_id[PW_KEY_NAME_MAX + 1];
+    struct worker_req *reqs;    /* in flight, newest first */
+    uint32_t n_pending_replies; /* pipelined commands whose replies are not read yet */
+    bool redis_broken;
+    int64_t started_ms;
+    uint64_t requests_done, tokens_generated;
+    uint64_t last_tokens; /* for the tokens/s of the heartbeat */
+    uint64_t last_hb_ms;
+    float tokens_per_s;
+};
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+/* ---- Redis plumbing ---------------------------------------------------------------- */
+
+static void append_argv(struct worker *w, int argc, const char **argv, const size_t *lens)
+{
+    if (redisAppendCommandArgv(w->rc, argc, argv, lens) == REDIS_OK)
+        w->n_pending_replies++;
+    else
+        w->redis_broken = true;
+}
+
+/* Reads every pipelined reply; errors are logged (a lost chunk is retried by nobody, so it
+ * is worth a line). */
+static void flush_pipeline(struct worker *w)
+{
+    while (w->n_pending_replies > 0) {
+        redisReply *r = NULL;
+        if (redisGetReply(w->rc, (void **)&r) != REDIS_OK) {
+            PW_LOG_ERROR("event=redis_error op=pipeline err=%s", w->rc->errstr);
+            w->redis_broken = true;
+            w->n_pending_replies = 0;
+            return;
+        }
+        if (r && r->type == REDIS_REPLY_ERROR)
+            PW_LOG_ERROR("event=redis_error op=pipeline reply=%s", r->str);
+        freeReplyObject(r);
+        w->n_pending_replies--;
+    }
+}
+
+static redisReply *command(struct worker *w, int argc, const char **argv, const size_t *lens)
+{
+    flush_pipeline(w);
+    redisReply *r = redisCommandArgv(w->rc, argc, argv, lens);
+    if (!r) {
+        PW_LOG_ERROR("event=redis_error op=%s err=%s", argv[0], w->rc->errstr);
+        w->redis_broken = true;
+    }
+    return r;
+}
+
+/* ---- replies ----------------------------------------------------------------------- */
+
+static void send_chunk(struct worker_req *q, Parkway__ReplyChunk *c)
+{
+    struct worker *w = q->w;
+    c->request_id = q->msg->id;
+    c->attempt = q->attempt;
+    c->seq = q->seq++;
+    c->worker_id = w->worker_id;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    const char *why = NULL;
+    if (pw_proto_pack_reply_alloc(c, &buf, &len, &why) != PW_OK) {
+        PW_LOG_ERROR("event=reply_pack_failed request=%s why=%s", q->msg->id, why ? why : "?");
+        return;
+    }
+    const char *argv[] = {"XADD", q->msg->reply_to, "MAXLEN",         "~", PW_WORKER_REPLY_MAXLEN,
+                          "*",    PW_STREAM_FIELD,  (const char *)buf};
+    size_t lens[] = {4, strlen(q->msg->reply_to), 6,  1, strlen(PW_WORKER_REPLY_MAXLEN),
+                     1, strlen(PW_STREAM_FIELD),  len};
+    append_argv(w, 8, argv, lens);
+    free(buf);
+}
+
+static void ack(struct worker *w, const char *entry_id)
+{
+    const char *argv[] = {"XACK", w->key_q, PW_GROUP_ENGINES, entry_id};
+    append_argv(w, 4, argv, NULL);
+}
+
+/* A request that ends before generating: one error chunk (if it can be addressed), then ack. */
+static void reply_error(struct worker *w, const Parkway__InferenceRequest *msg, uint32_t attempt,
+                        const char *entry_id, const char *code, const char *message,
+                        uint32_t status)
+{
+    if (msg && msg->reply_to && msg->reply_to[0] && msg->id && msg->id[0]) {
+        Parkway__Error err = PARKWAY__ERROR__INIT;
+        err.code = (char *)code;
+        err.message = (char *)message;
+        err.http_status = status;
+        Parkway__ReplyChunk c = PARKWAY__REPLY_CHUNK__INIT;
+        c.request_id = msg->id;
+        c.attempt = attempt;
+        c.finish_reason = PARKWAY__FINISH_REASON__FINISH_REASON_ERROR;
+        c.done = true;
+        c.error = &err;
+        c.worker_id = w->worker_id;
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        if (pw_proto_pack_reply_alloc(&c, &buf, &len, NULL) == PW_OK) {
+            const char *argv[] = {
+                "XADD", msg->reply_to,   "MAXLEN",         "~", PW_WORKER_REPLY_MAXLEN,
+                "*",    PW_STREAM_FIELD, (const char *)buf};
+            size_t lens[] = {4, strlen(msg->reply_to),   6,  1, strlen(PW_WORKER_REPLY_MAXLEN),
+                             1, strlen(PW_STREAM_FIELD), len};
+            append_argv(w, 8, argv, lens);
+            free(buf);
+        }
+    }
+    PW_LOG_WARN("event=request_failed request=%s code=%s", msg && msg->id ? msg->id : "?", code);
+    ack(w, entry_id);
+}
+
+static void fill_logprobs(struct worker *w, const struct engine_token_event *ev,
+                          Parkway__TokenLogprob *lp, Parkway__TopLogprob *tops,
+                          Parkway__TopLogprob **top_ptrs, uint32_t want_top)
+{
+    const struct engine_tokenizer *tok = w->e->tok;
+    struct engine_tok_str piece = engine_tokenizer_piece(tok, ev->token);
+    lp->token = NULL; /* filled by the caller with a NUL-terminated copy */
+    lp->logprob = ev->sample->logprob;
+    lp->bytes.data = (uint8_t *)piece.ptr;
+    lp->bytes.len = piece.len;
+    uint32_t n = (uint32_t)ev->sample->n_top < want_top ? (uint32_t)ev->sample->n_top : want_top;
+    for (uint32_t i = 0; i < n; i++) {
+        parkway__top_logprob__init(&tops[i]);
+        struct engine_tok_str p = engine_tokenizer_piece(tok, ev->sample->top[i].token);
+        tops[i].logprob = ev->sample->top[i].logprob;
+        tops[i].bytes.data = (uint8_t *)p.ptr;
+        tops[i].bytes.len = p.len;
+        top_ptrs[i] = &tops[i];
+    }
+    lp->n_top_logprobs = n;
+    lp->top_logprobs = top_ptrs;
+}
+
+/* Token text for logprobs: the piece's bytes as a string (the router repairs bad UTF-8). */
+static char *piece_string(const struct engine_tokenizer *tok, int32_t id, char *buf, size_t cap)
+{
+    struct engine_tok_str p = engine_tokenizer_piece(tok, id);
+    size_t n = p.len < cap - 1 ? p.len : cap - 1;
+    memcpy(buf, p.ptr, n);
+    buf[n] = '\0';
+    return buf;
+}
+
+static void on_token(void *ud, uint64_t seq_id, const struct engine_token_event *ev)
+{
+    struct worker_choice *ch = ud;
+    struct worker_req *q = ch->req;
+    struct worker *w = q->w;
+    w->tokens_generated++;
+    if (q->first_token_ms == 0)
+        q->first_token_ms = pw_clock_wall_ms();
+    if (ev->len == 0 && !q->sp.logprobs)
+        return; /* text held back by a stop-string prefix: nothing to say yet */
+    Parkway__ReplyChunk c = PARKWAY__REPLY_CHUNK__INIT;
+    c.index = ch->index;
+    char *text = malloc(ev->len + 1);
+    if (!text)
+        return;
+    memcpy(text, ev->text, ev->len);
+    text[ev->len] = '\0';
+    c.text = text;
+    c.n_tokens = 1;
+    Parkway__TokenLogprob lp = PARKWAY__TOKEN_LOGPROB__INIT;
+    Parkway__TokenLogprob *lps[1] = {&lp};
+    Parkway__TopLogprob tops[ENGINE_SAMPLER_MAX_TOP_LOGPROBS];
+    Parkway__TopLogprob *top_ptrs[ENGINE_SAMPLER_MAX_TOP_LOGPROBS];
+    char tok_text[ENGINE_SAMPLER_MAX_TOP_LOGPROBS + 1][ENGINE_TOK_MAX_TOKEN_BYTES + 1];
+    if (q->sp.logprobs) {
+        fill_logprobs(w, ev, &lp, tops, top_ptrs, q->sp.top_logprobs);
+        lp.token = piece_string(w->e->tok, ev->token, tok_text[0], sizeof tok_text[0]);
+        for (size_t i = 0; i < lp.n_top_logprobs; i++)
+            tops[i].token = piece_string(w->e->tok, ev->sample->top[i].token, tok_text[i + 1],
+                                         sizeof tok_text[i + 1]);
+        c.n_logprobs = 1;
+        c.logprobs = lps;
+    }
+    if (q->seq == 0)
+        c.queue_ms = (uint32_t)(q->picked_ms > q->msg->enqueued_unix_ms && q->msg->enqueued_unix_ms
+                                    ? q->picked_ms - q->msg->enqueued_unix_ms
+                                    : 0);
+    send_chunk(q, &c);
+    free(text);
+}
+
+static Parkway__FinishReason finish_reason(enum engine_finish f)
+{
+    switch (f) {
+    case ENGINE_FINISH_STOP:
+        return PARKWAY__FINISH_REASON__FINISH_REASON_STOP;
+    case ENGINE_FINISH_LENGTH:
+        return PARKWAY__FINISH_REASON__FINISH_REASON_LENGTH;
+    case ENGINE_FINISH_CANCELLED:
+        return PARKWAY__FINISH_REASON__FINISH_REASON_CANCELLED;
+    default:
+        return PARKWAY__FINISH_REASON__FINISH_REASON_NONE;
+    }
+}
+
+static void on_finish(void *ud, uint64_t seq_id, enum engine_finish reason, const char *text,
+                      size_t len, const struct engine_seq_usage *usage)
+{
+    struct worker_choice *ch = ud;
+    struct worker_req *q = ch->req;
+    ch->finished = true;
+    q->n_finished++;
+    q->completion_tokens += usage->completion_tokens;
+    if (usage->cached_tokens > q->cached_tokens)
+        q->cached_tokens = usage->cached_tokens;
+
+    Parkway__ReplyChunk c = PARKWAY__REPLY_CHUNK__INIT;
+    c.index = ch->index;
+    char *t = malloc(len + 1);
+    if (!t)
+        return;
+    memcpy(t, text, len);
+    t[len] = '\0';
+    c.text = t;
+    c.finish_reason = finish_reason(reason);
+    Parkway__Error err = PARKWAY__ERROR__INIT;
+    if (reason == ENGINE_FINISH_CANCELLED && q->deadline_hit) {
+        err.code = "deadline_exceeded";
+        err.message = "the request passed its deadline before it finished";
+        err.http_status = 504;
+        c.error = &err;
+    }
+    Parkway__Usage u = PARKWAY__USAGE__INIT;
+    if (q->n_finished == q->n_choices) {
+        /* The last choice's final chunk is also the request's done chunk. */
+        c.done = true;
+        u.prompt_tokens = q->n_prompt;
+        u.completion_tokens = q->completion_tokens;
+        u.cached_tokens = q->cached_tokens;
+        c.usage = &u;
+        q->done = true;
+    }
+    send_chunk(q, &c);
+    free(t);
+    if (q->done) {
+        ack(q->w, q->entry_id);
+        q->w->requests_done++;
+        PW_LOG_INFO("event=request_done request=%s attempt=%u prompt_tokens=%u "
+                    "completion_tokens=%u cached_tokens=%u finish=%s",
+                    q->msg->id, q->attempt, q->n_prompt, q->completion_tokens, q->cached_tokens,
+                    engine_finish_name(reason));
+    }
+}
+
+/* ---- requests ---------------------------------------------------------------------- */
+
+static void req_free(struct worker_req *q)
+{
+    if (!q)
+        return;
+    pw_proto_free_request(q->msg);
+    free(q->prompt);
+    free(q);
+}
+
+/* Tokenizes msg into q->prompt. Returns an error code string for the client or NULL. */
+static const char *build_prompt(struct worker *w, struct worker_req *q, char *msgbuf, size_t cap)
+{
+    const Parkway__InferenceRequest *m = q->msg;
+    struct engine *e = w->e;
+    size_t n = 0, room;
+    enum pw_err pe;
+    if (m->kind == PARKWAY__REQUEST_KIND__REQUEST_KIND_CHAT) {
+        size_t bytes = 0;
+        for (size_t i = 0; i < m->n_messages; i++)
+            bytes += strlen(m->messages[i]->content ? m->messages[i]->content : "") + 16;
+        room = bytes + 64 * (m->n_messages + 4) + 1024;
+        struct engine_chat_msg *msgs = calloc(m->n_messages ? m->n_messages : 1, sizeof *msgs);
+        q->prompt = malloc(room * sizeof(int32_t));
+        if (!msgs || !q->prompt) {
+            free(msgs);
+            snprintf(msgbuf, cap, "out of memory");
+            return "internal_error";
+        }
+        for (size_t i = 0; i < m->n_messages; i++) {
+            msgs[i].role = m->messages[i]->role;
+            msgs[i].content = m->messages[i]->content ? m->messages[i]->content : "";
+            msgs[i].content_len = strlen(msgs[i].content);
+        }
+        pe = engine_chat_render(e->chat, e->tok, msgs, m->n_messages, true, q->prompt, room, &n,
+                                msgbuf, cap);
+        free(msgs);
+        if (pe)
+            return "invalid_request_error";
+    } else if (m->n_prompt_token_ids > 0) {
+        uint32_t n_vocab = engine_tokenizer_n_vocab(e->tok);
+        q->prompt = malloc(m->n_prompt_token_ids * sizeof(int32_t));
+        if (!q->prompt)
+            return "internal_error";
+        for (size_t i = 0; i < m->n_prompt_token_ids; i++) {
+            if (m->prompt_token_ids[i] >= n_vocab) {
+                snprintf(msgbuf, cap, "prompt token %u is outside the vocabulary",
+                         m->prompt_token_ids[i]);
+                return "invalid_request_error";
+            }
+            q->prompt[i] = (int32_t)m->prompt_token_ids[i];
+        }
+        n = m->n_prompt_token_ids;
+    } else {
+        const char *p = m->prompt ? m->prompt : "";
+        room = strlen(p) + 4;
+        q->prompt = malloc(room * sizeof(int32_t));
+        if (!q->prompt)
+            return "internal_error";
+        pe = engine_tokenizer_encode(e->tok, p, strlen(p), ENGINE_TOK_ADD_BOS, q->prompt, room, &n);
+        if (pe) {
+            snprintf(msgbuf, cap, "cannot tokenize the prompt: %s", pw_err_desc(pe));
+            return "invalid_request_error";
+        }
+    }
+    if (n == 0) {
+        snprintf(msgbuf, cap, "the prompt is empty");
+        return "invalid_request_error";
+    }
+    uint32_t n_ctx = engine_model_opts(e->model)->n_ctx;
+    if (n >= n_ctx) {
+        snprintf(msgbuf, cap,
+                 "This model's maximum context length is %u tokens. However, your messages "
+                 "resulted in %zu tokens. Please reduce the length of the messages.",
+                 n_ctx, n);
+        return "context_length_exceeded";
+    }
+    q->n_prompt = (uint32_t)n;
+    return NULL;
+}
+
+/* Submits the choices of q that are not running yet, as slots allow. */
+static void submit_choices(struct worker *w, struct worker_req *q)
+{
+    for (uint32_t i = 0; i < q->n_choices; i++) {
+        struct worker_choice *ch = &q->choices[i];
+        if (ch->seq_id || ch->finished)
+            continue;
+        struct engine_seq_params p = {
+            .prompt = q->prompt,
+            .n_prompt = q->n_prompt,
+            .max_tokens = q->sp.max_tokens,
+            .ignore_eos = q->sp.ignore_eos,
+            .userdata = ch,
+        };
+        engine_sampler_params_default(&p.sampling);
+        p.sampling.temperature = q->sp.temperature;
+        p.sampling.top_p = q->sp.top_p;
+        p.sampling.top_k = (int32_t)q->sp.top_k;
+        p.sampling.min_p = q->sp.min_p;
+        p.sampling.presence_penalty = q->sp.presence_penalty;
+        p.sampling.frequency_penalty = q->sp.frequency_penalty;
+        p.sampling.repetition_penalty = q->sp.repetition_penalty;
+        p.sampling.seed = q->sp.seed;
+        p.sampling.choice = i;
+        p.sampling.logprobs = q->sp.logprobs;
+        p.sampling.top_logprobs = (int32_t)q->sp.top_logprobs;
+        struct engine_stop_str stops[ENGINE_STOP_MAX_STOPS];
+        const Parkway__SamplingParams *sp = q->msg->sampling;
+        size_t n_stops = 0;
+        for (size_t k = 0; sp && k < sp->n_stop && n_stops < ENGINE_STOP_MAX_STOPS; k++) {
+            stops[n_stops].ptr = sp->stop[k];
+            stops[n_stops].len = strlen(sp->stop[k]);
+            n_stops++;
+        }
+        p.stops = stops;
+        p.n_stops = (uint32_t)n_stops;
+        char err[256];
+        enum pw_err pe = engine_sched_submit(w->e->sched, &p, &ch->seq_id, err, sizeof err);
+        if (pe == PW_ERR_AGAIN)
+            return; /* no slot now; the next step frees one */
+        if (pe) {
+            /* Parameters the router accepted but the engine refuses: end the choice. */
+            ch->finished = true;
+            q->n_finished++;
+            Parkway__Error e = PARKWAY__ERROR__INIT;
+            e.code = "invalid_request_error";
+            e.message = err;
+            e.http_status = 400;
+            Parkway__ReplyChunk c = PARKWAY__REPLY_CHUNK__INIT;
+            c.index = i;
+            c.finish_reason = PARKWAY__FINISH_REASON__FINISH_REASON_ERROR;
+            c.error = &e;
+            c.done = q->n_finished == q->n_choices;
+            send_chunk(q, &c);
+            if (c.done) {
+                q->done = true;
+                ack(w, q->entry_id);
+            }
+        }
+    }
+}
+
+/* Takes one stream entry: decode, validate, tokenize, queue its choices. */
+static void take_entry(struct worker *w, const struct pw_stream_entry *en, uint32_t attempt_floor)
+{
+    const struct pw_slice *v = pw_stream_entry_get(en, PW_STREAM_FIELD);
+    Parkway__InferenceRequest *msg = NULL;
+    char msgbuf[512];
+    if (!v || pw_proto_unpack_request(v->ptr, v->len, 0, &msg) != PW_OK) {
+        PW_LOG_ERROR("event=bad_request_entry entry=%s", en->id);
+        ack(w, en->id); /* nothing to reply to: drop it, or it would be retried forever */
+        return;
+    }
+    uint32_t attempt = msg->attempt > attempt_floor ? msg->attempt : attempt_floor;
+    if (strcmp(msg->function, w->fn) != 0) {
+        snprintf(msgbuf, sizeof msgbuf, "this engine serves %s, not %s", w->fn, msg->function);
+        reply_error(w, msg, attempt, en->id, "invalid_request_error", msgbuf, 400);
+        pw_proto_free_request(msg);
+        return;
+    }
+    int64_t now = pw_clock_wall_ms();
+    if (msg->deadline_unix_ms && now > msg->deadline_unix_ms) {
+        reply_error(w, msg, attempt, en->id, "deadline_exceeded",
+                    "the request waited in the queue past its deadline", 504);
+        pw_proto_free_request(msg);
+        return;
+    }
+    struct worker_req *q = calloc(1, sizeof *q);
+    if (!q) {
+        pw_proto_free_request(msg);
+        return; /* left pending: claimed again later */
+    }
+    q->w = w;
+    q->msg = msg;
+    q->attempt = attempt;
+    q->picked_ms = now;
+    snprintf(q->entry_id, sizeof q->entry_id, "%s", en->id);
+    pw_proto_sampling_resolve(msg->sampling, &q->sp);
+    q->n_choices = q->sp.n ? q->sp.n : 1;
+    if (q->n_choices > PW_WORKER_MAX_CHOICES)
+        q->n_choices = PW_WORKER_MAX_CHOICES;
+    for (uint32_t i = 0; i < q->n_choices; i++) {
+        q->choices[i].req = q;
+        q->choices[i].index = i;
+    }
+    const char *code = build_prompt(w, q, msgbuf, sizeof msgbuf);
+    if (code) {
+        uint32_t status = strcmp(code, "internal_error") == 0 ? 500 : 400;
+        reply_error(w, msg, attempt, en->id, code, msgbuf, status);
+        req_free(q);
+        return;
+    }
+    q->next = w->reqs;
+    w->reqs = q;
+    PW_LOG_DEBUG("event=request_taken request=%s attempt=%u prompt_tokens=%u n=%u", msg->id,
+                 attempt, q->n_prompt, q->n_choices);
+}
+
+/* ---- the loop ---------------------------------------------------------------------- */
+
+static uint32_t choices_waiting(const struct worker *w)
+{
+    uint32_t n = 0;
+    for (const struct worker_req *q = w->reqs; q; q = q->next)
+        for (uint32_t i = 0; i < q->n_choices; i++)
+            n += !q->choices[i].seq_id && !q->choices[i].finished;
+    return n;
+}
+
+static void heartbeat(struct worker *w, Parkway__WorkerState state)
+{
+    uint64_t now = pw_clock_mono_ms();
+    if (w->last_hb_ms && now - w->last_hb_ms > 0) {
+        double dt = (double)(now - w->last_hb_ms) / 1000.0;
+        w->tokens_per_s = (float)((double)(w->tokens_generated - w->last_tokens) / dt);
+    }
+    w->last_hb_ms = now;
+    w->last_tokens = w->tokens_generated;
+    Parkway__WorkerStatus ws = PARKWAY__WORKER_STATUS__INIT;
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    uint32_t total, free_;
+    engine_sched_kv_blocks(w->e->sched, &total, &free_);
+    ws.worker_id = w->worker_id;
+    ws.function = w->fn;
+    ws.state = state;
+    ws.slots_total = w->e->opts.max_batch;
+    ws.slots_busy = engine_sched_active(w->e->sched);
+    ws.tokens_per_s = w->tokens_per_s;
+    ws.kv_blocks_total = total;
+    ws.kv_blocks_free = free_;
+    ws.last_heartbeat_unix_ms = pw_clock_wall_ms();
+    ws.started_unix_ms = w->started_ms;
+    ws.pid = (uint32_t)getpid();
+    ws.host = host;
+    ws.backend = "cpu";
+    ws.model_sha256 = w->spec->model.sha256;
+    ws.requests_done = w->requests_done;
+    ws.tokens_generated = w->tokens_generated;
+    ws.context_len = engine_model_opts(w->e->model)->n_ctx;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (pw_proto_pack_worker_alloc(&ws, &buf, &len, NULL) == PW_OK) {
+        const char *argv[] = {"HSET", w->key_workers, w->worker_id, (const char *)buf};
+        size_t lens[] = {4, strlen(w->key_workers), strlen(w->worker_id), len};
+        append_argv(w, 4, argv, lens);
+        free(buf);
+    }
+    /* Touch our in-flight entries so nobody mistakes them for a dead worker's. */
+    const char *argv[6 + 64];
+    int argc = 0;
+    argv[argc++] = "XCLAIM";
+    argv[argc++] = w->key_q;
+    argv[argc++] = PW_GROUP_ENGINES;
+    argv[argc++] = w->worker_id;
+    argv[argc++] = "0";
+    int first_id = argc;
+    for (struct worker_req *q = w->reqs; q && argc < 5 + 64; q = q->next)
+        if (!q->done)
+            argv[argc++] = q->entry_id;
+    if (argc > first_id) {
+        argv[argc++] = "JUSTID";
+        append_argv(w, argc, argv, NULL);
+    }
+}
+
+/* Entries idle past PW_WORKER_STALE_MS belong to a worker that stopped heartbeating. */
+static void claim_stale(struct worker *w, uint32_t room)
+{
+    char count[16], idle[16];
+    snprintf(count, sizeof count, "%u", room);
+    snprintf(idle, sizeof idle, "%u",
+             w->e->opts.claim_idle_ms ? w->e->opts.claim_idle_ms : PW_WORKER_STALE_MS);
+    const char *argv[] = {"XAUTOCLAIM", w->key_q, PW_GROUP_ENGINES, w->worker_id,
+                          idle,         "0-0",    "COUNT",          count};
+    redisReply *r = command(w, 8, argv, NULL);
+    if (!r)
+        return;
+    struct pw_stream_entries *es = NULL;
+    if (r->type != REDIS_REPLY_ERROR && pw_stream_parse_autoclaim(r, &es) == PW_OK) {
+        for (size_t i = 0; i < es->n; i++) {
+            /* Deliveries so far tell the attempt: first delivery is attempt 0. */
+            const char *pa[] = {"XPENDING",  w->key_q,    PW_GROUP_ENGINES,
+                                es->v[i].id, es->v[i].id, "1"};
+            redisReply *p = command(w, 6, pa, NULL);
+            uint32_t attempt = 1;
+            if (p && p->type == REDIS_REPLY_ARRAY && p->elements == 1 &&
+                p->element[0]->type == REDIS_REPLY_ARRAY && p->element[0]->elements == 4 &&
+                p->element[0]->element[3]->type == REDIS_REPLY_INTEGER &&
+                p->element[0]->element[3]->integer > 1)
+                attempt = (uint32_t)(p->element[0]->element[3]->integer - 1);
+            freeReplyObject(p);
+            PW_LOG_WARN("event=claimed_stale entry=%s attempt=%u", es->v[i].id, attempt);
+            take_entry(w, &es->v[i], attempt);
+        }
+    }
+    pw_stream_entries_free(es);
+    freeReplyObject(r);
+}
+
+static void read_new(struct worker *w, uint32_t room, bool idle)
+{
+    char count[16];
+    snprintf(count, sizeof count, "%u", room);
+    const char *argv[11];
+    int argc = 0;
+    argv[argc++] = "XREADGROUP";
+    argv[argc++] = "GROUP";
+    argv[argc++] = PW_GROUP_ENGINES;
+    argv[argc++] = w->worker_id;
+    argv[argc++] = "COUNT";
+    argv[argc++] = count;
+    if (idle) {
+        argv[argc++] = "BLOCK";
+        argv[argc++] = "1000";
+    }
+    argv[argc++] = "STREAMS";
+    argv[argc++] = w->key_q;
+    argv[argc++] = ">";
+    redisReply *r = command(w, argc, argv, NULL);
+    if (!r)
+        return;
+    struct pw_stream_entries *es = NULL;
+    if (r->type == REDIS_REPLY_ERROR) {
+        PW_LOG_ERROR("event=redis_error op=XREADGROUP reply=%s", r->str);
+    } else if (pw_stream_parse_read(r, &es) == PW_OK) {
+        for (size_t i = 0; i < es->n; i++)
+            take_entry(w, &es->v[i], 0);
+    }
+    pw_stream_entries_free(es);
+    freeReplyObject(r);
+}
+
+/* Cancel flags and deadlines of what runs: one pipelined EXISTS per request. */
+static void check_cancels(struct worker *w)
+{
+    uint32_t n = 0;
+    for (struct worker_req *q = w->reqs; q; q = q->next) {
+        if (q->done)
+            continue;
+        char key[PW_KEY_MAX];
+        if (pw_key_cancel(key, sizeof key, q->msg->id) != PW_OK)
+            continue;
+        const char *argv[] = {"EXISTS", key};
+        append_argv(w, 2, argv, NULL);
+        n++;
+    }
+    /* Replies come back in order; earlier pipelined writes come first. */
+    uint32_t skip = w->n_pending_replies - n;
+    for (uint32_t i = 0; i < skip; i++) {
+        redisReply *r = NULL;
+        if (redisGetReply(w->rc, (void **)&r) != REDIS_OK) {
+            w->redis_broken = true;
+            w->n_pending_replies = 0;
+            return;
+        }
+        if (r && r->type == REDIS_REPLY_ERROR)
+            PW_LOG_ERROR("event=redis_error op=pipeline reply=%s", r->str);
+        freeReplyObject(r);
+        w->n_pending_replies--;
+    }
+    int64_t now = pw_clock_wall_ms();
+    for (struct worker_req *q = w->reqs; q; q = q->next) {
+        if (q->done)
+            continue;
+        redisReply *r = NULL;
+        if (redisGetReply(w->rc, (void **)&r) != REDIS_OK) {
+            w->redis_broken = true;
+            w->n_pending_replies = 0;
+            return;
+        }
+        w->n_pending_replies--;
+        bool cancel = r && r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+        freeReplyObject(r);
+        bool late = q->msg->deadline_unix_ms && now > q->msg->deadline_unix_ms;
+        if (!cancel && !late)
+            continue;
+        q->deadline_hit = late && !cancel;
+        PW_LOG_INFO("event=request_cancelled request=%s reason=%s", q->msg->id,
+                    cancel ? "client" : "deadline");
+        for (uint32_t i = 0; i < q->n_choices; i++) {
+            struct worker_choice *ch = &q->choices[i];
+            if (ch->finished)
+                continue;
+            if (ch->seq_id) {
+                engine_sched_cancel(w->e->sched, ch->seq_id);
+            } else {
+                /* never started: end it here with the same reason */
+                struct engine_seq_usage u = {.prompt_tokens = q->n_prompt};
+                on_finish(ch, 0, ENGINE_FINISH_CANCELLED, "", 0, &u);
+            }
+        }
+    }
+}
+
+static void reap(struct worker *w)
+{
+    struct worker_req **pp = &w->reqs;
+    while (*pp) {
+        struct worker_req *q = *pp;
+        if (q->done) {
+            *pp = q->next;
+            req_free(q);
+        } else {
+            pp = &q->next;
+        }
+    }
+}
+
+/* Resolves the model file: --model, else the spec's path, else the spec's source in the
+ * model cache (tools/fetch-model.sh puts it there). */
+static enum pw_err resolve_model(struct worker *w, char *path, size_t cap, char *err, size_t errcap)
+{
+    const struct pw_spec *s = w->spec;
+    if (w->e->opts.model_path) {
+        snprintf(path, cap, "%s", w->e->opts.model_path);
+    } else if (s->model.path) {
+        snprintf(path, cap, "%s", s->model.path);
+    } else {
+        const char *dir = getenv("PARKWAY_MODEL_DIR");
+        const char *home = getenv("HOME");
+        const char *file = strrchr(s->model.source.file, '/');
+        file = file ? file + 1 : s->model.source.file;
+        if (dir && *dir)
+            snprintf(path, cap, "%s/%s", dir, file);
+        else
+            snprintf(path, cap, "%s/.cache/parkway/models/%s", home ? home : ".", file);
+    }
+    if (access(path, R_OK) != 0) {
+        snprintf(err, errcap, "model file %s: %s%s", path, strerror(errno),
+                 s->model.source.kind ? " (run tools/fetch-model.sh)" : "");
+        return PW_ERR_IO;
+    }
+    return PW_OK;
+}
+
+int engine_worker_run(struct engine *e)
+{
+    struct worker w;
+    memset(&w, 0, sizeof w);
+    w.e = e;
+    char err[PATH_MAX + 512] = "";
+    char model_path[PATH_MAX];
+    int rc = 1;
+    enum pw_err pe = pw_spec_load_file(e->opts.spec_path, &w.spec, err, sizeof err);
+    if (pe) {
+        fprintf(stderr, "%s\n", err);
+        return pw_err_exit_code(pe);
+    }
+    snprintf(w.fn, sizeof w.fn, "%s", w.spec->name);
+    if (e->opts.worker_id) {
+        if (!pw_key_name_ok(e->opts.worker_id)) {
+            fprintf(stderr, "parkway-engine: --worker-id: use 1-128 of [A-Za-z0-9._-]\n");
+            pw_spec_destroy(w.spec);
+            return 2;
+        }
+        snprintf(w.worker_id, sizeof w.worker_id, "%s", e->opts.worker_id);
+    } else {
+        char host[64] = "host";
+        gethostname(host, sizeof host - 1);
+        for (char *p = host; *p; p++)
+            if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                  (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
+                *p = '-';
+        snprintf(w.worker_id, sizeof w.worker_id, "%s-%d", host, (int)getpid());
+    }
+    pw_key_queue(w.key_q, sizeof w.key_q, w.fn);
+    pw_key_workers(w.key_workers, sizeof w.key_workers, w.fn);
+
+    /* The spec sets the serving shape; command-line flags win. */
+    if (e->opts.max_batch == 16 && w.spec->engine.max_batch)
+        e->opts.max_batch = w.spec->engine.max_batch;
+    if (e->opts.n_ctx == 0)
+        e->opts.n_ctx = w.spec->engine.context_length;
+    if (!e->opts.chat_template && w.spec->model.chat_template != PW_SPEC_TEMPLATE_AUTO)
+        e->opts.chat_template = pw_spec_chat_template_name(w.spec->model.chat_template);
+    if ((pe = resolve_model(&w, model_path, sizeof model_path, err, sizeof err))) {
+        fprintf(stderr, "parkway-engine: %s\n", err);
+        pw_spec_destroy(w.spec);
+        return 2;
+    }
+    e->opts.model_path = model_path;
+
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    struct engine_sched_cb cb = {.on_token = on_token, .on_finish = on_finish};
+    if ((pe = engine_load(e, &cb, err, sizeof err))) {
+        fprintf(stderr, "parkway-engine: %s\n", err);
+        rc = pw_err_exit_code(pe);
+        goto out;
+    }
+    if ((pe = pw_redis_sync_connect(e->opts.redis_url, 5000, &w.rc, err, sizeof err))) {
+        fprintf(stderr, "parkway-engine: %s\n", err);
+        rc = pw_err_exit_code(pe);
+        goto out;
+    }
+    /* Group from id 0: requests queued before the first engine existed are served. */
+    const char *g[] = {"XGROUP", "CREATE", w.key_q, PW_GROUP_ENGINES, "0", "MKSTREAM"};
+    redisReply *r = command(&w, 6, g, NULL);
+    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0)
+        PW_LOG_ERROR("event=redis_error op=XGROUP reply=%s", r->str);
+    freeReplyObject(r);
+    w.started_ms = pw_clock_wall_ms();
+    PW_LOG_INFO("event=worker_ready function=%s worker=%s stream=%s slots=%u", w.fn, w.worker_id,
+                w.key_q, e->opts.max_batch);
+
+    uint64_t last_claim = 0;
+    bool draining = false;
+    while (!w.redis_broken) {
+        if (stop_requested && !draining) {
+            draining = true;
+            PW_LOG_INFO("event=draining in_flight=%u", engine_sched_active(e->sched));
+        }
+        uint64_t now = pw_clock_mono_ms();
+        if (now - w.last_hb_ms >= PW_WORKER_HEARTBEAT_MS)
+            heartbeat(&w, draining ? PARKWAY__WORKER_STATE__WORKER_STATE_DRAINING
+                                   : PARKWAY__WORKER_STATE__WORKER_STATE_READY);
+        uint32_t free_slots = engine_sched_free_slots(e->sched);
+        uint32_t waiting = choices_waiting(&w);
+        if (!draining && waiting == 0 && free_slots > 0) {
+            if (now - last_claim >= PW_WORKER_HEARTBEAT_MS) {
+                last_claim = now;
+                claim_stale(&w, free_slots);
+            }
+            if (choices_waiting(&w) == 0)
+                read_new(&w, free_slots, engine_sched_active(e->sched) == 0);
+        }
+        for (struct worker_req *q = w.reqs; q; q = q->next)
+            if (!q->done)
+                submit_choices(&w, q);
+        check_cancels(&w);
+        if (engine_sched_active(e->sched) > 0)
+            engine_sched_step(e->sched);
+        flush_pipeline(&w);
+        reap(&w);
+        if (draining && !w.reqs)
+            break;
+    }
+    if (w.redis_broken) {
+        /* Unacknowledged requests stay pending in Redis and are claimed by another engine. */
+        fprintf(stderr, "parkway-engine: lost Redis (%s); exiting so the scaler restarts us\n",
+                w.rc ? w.rc->errstr : "?");
+        rc = 1;
+    } else {
+        const char *hdel[] = {"HDEL", w.key_workers, w.worker_id};
+        freeReplyObject(command(&w, 3, hdel, NULL));
+        PW_LOG_INFO("event=worker_stopped requests_done=%llu", (unsigned long long)w.requests_done);
+        rc = 0;
+    }
+out:
+    while (w.reqs) {
+        struct worker_req *q = w.reqs;
+        w.reqs = q->next;
+        req_free(q);
+    }
+    if (w.rc)
+        redisFree(w.rc);
+    engine_unload(e);
+    pw_spec_destroy(w.spec);
+    return rc;
+}
