@@ -968,6 +968,7 @@ static void dispatch(struct conn *c)
     const char *qm = memchr(r->head, '?', r->url_len);
     size_t plen = qm ? (size_t)(qm - r->head) : r->url_len;
     q->path = arena_strndup(&r->arena, r->head, plen);
+    q->path_len = q->path ? plen : 0;
     if (qm) {
         q->query = qm + 1;
         q->query_len = r->url_len - plen - 1;

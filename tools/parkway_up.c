@@ -228,9 +228,10 @@ int parkway_cmd_up(int argc, char **argv)
 
     /* The router and scaler join the stack as their issues land; say what runs. */
     const char *exe_dir = parkway_exe_dir();
-    char router_exe[PATH_MAX], scaler_exe[PATH_MAX];
+    char router_exe[PATH_MAX], scaler_exe[PATH_MAX], engine_exe[PATH_MAX];
     snprintf(router_exe, sizeof router_exe, "%s/../router/parkway-router", exe_dir);
     snprintf(scaler_exe, sizeof scaler_exe, "%s/../scaler/parkway-scaler", exe_dir);
+    snprintf(engine_exe, sizeof engine_exe, "%s/../engine/parkway-engine", exe_dir);
     char redis_url[64], port_s[16];
     snprintf(redis_url, sizeof redis_url, "redis://127.0.0.1:%d", up.opts.redis_port);
     snprintf(port_s, sizeof port_s, "%d", up.opts.router_port);
@@ -242,10 +243,18 @@ int parkway_cmd_up(int argc, char **argv)
         if (spawn(&up, "router", a, NULL))
             goto fail;
     }
+    bool have_engine = !redis_only && !have_scaler && exe_exists(engine_exe);
     if (have_scaler) {
         char *a[] = {scaler_exe, "--redis", redis_url, "--functions", up.opts.functions_dir, NULL};
         if (spawn(&up, "scaler", a, NULL))
             goto fail;
+    } else if (have_engine) {
+        /* No scaler built yet: one engine per function, always on. */
+        for (size_t i = 0; i < specs.count; i++) {
+            char *a[] = {engine_exe, "--spec", specs.specs[i]->origin, "--redis", redis_url, NULL};
+            if (spawn(&up, specs.specs[i]->name, a, NULL))
+                goto fail;
+        }
     }
 
     e = parkway_stack_write_env(&up.opts, key, err, sizeof err);
@@ -261,9 +270,12 @@ int parkway_cmd_up(int argc, char **argv)
     printf("  router           %s\n", have_router  ? "running"
                                       : redis_only ? "not started (--redis-only)"
                                                    : "not built yet");
-    printf("  scaler + engines %s\n", have_scaler  ? "running"
-                                      : redis_only ? "not started (--redis-only)"
-                                                   : "not built yet");
+    if (have_engine)
+        printf("  engines          one per function (no scaler built yet)\n");
+    else
+        printf("  scaler + engines %s\n", have_scaler  ? "running"
+                                          : redis_only ? "not started (--redis-only)"
+                                                       : "not built yet");
     printf("  env file         %s/env\n", up.opts.state_dir);
     printf("Ctrl-C stops the stack.\n");
     fflush(stdout);

@@ -1,0 +1,101 @@
+/*
+ * router: the parkway-router process. Read this first.
+ *
+ * Threads:
+ *   - N HTTP worker threads (router_http), each with its own event loop, its own async
+ *     Redis client (router_worker.redis) and its own table of in-flight calls. A call lives
+ *     on the thread that accepted its connection, start to end.
+ *   - one reply thread: a blocking XREAD on this router's reply stream pw:reply:{id}; each
+ *     ReplyChunk goes to the worker thread named inside its request id
+ *     (router_http_server_post), so no lock guards the call tables.
+ * Request ids look like "r<worker:2 hex><random:16 hex>"; a completions prompt list fans out
+ * into "<id>.0", "<id>.1", ...
+ */
+#ifndef ROUTER_H
+#define ROUTER_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "pw_apikey.h"
+#include "pw_keyspace.h"
+#include "router_http.h"
+
+struct pw_metrics;
+struct pw_metric;
+struct pw_redis;
+struct router_call;
+
+/* ---- configuration (command line) ---- */
+struct router_config {
+    const char *redis_url;
+    const char *router_id;       /* names the reply stream; default host-pid */
+    const char *admin_key;       /* guards /metrics; NULL = /metrics refused */
+    uint32_t request_timeout_ms; /* deadline of a call (and of its queued request) */
+    uint32_t key_cache_ms;       /* how long an API-key lookup is trusted */
+    struct router_http_config http;
+};
+
+/* One API key as the router caches it. */
+struct router_key {
+    char hash_hex[PW_APIKEY_HASH_HEX_LEN + 1];
+    char key_id[PW_APIKEY_ID_LEN + 8];
+    char tenant[128];
+    char **allowed; /* owned, n_allowed function names; 0 = all */
+    size_t n_allowed;
+    uint32_t rpm, tpm; /* limits per minute; 0 = none */
+    bool disabled;
+    bool missing;        /* no such key (negative cache entry) */
+    uint64_t expires_ms; /* mono ms */
+};
+
+#define ROUTER_KEY_CACHE 256 /* entries per worker thread */
+#define ROUTER_CALLS_BUCKETS 1024
+
+/* Per worker thread; touched only by that thread. */
+struct router_worker {
+    struct router *rt;
+    unsigned index;
+    struct event_base *base;                         /* borrowed from the HTTP server */
+    struct pw_redis *redis;                          /* owned: commands and pub/sub on this loop */
+    struct router_call *calls[ROUTER_CALLS_BUCKETS]; /* in flight, by request id hash */
+    struct router_key keys[ROUTER_KEY_CACHE];        /* direct-mapped by hash */
+    char **functions;                                /* owned snapshot of pw:functions names */
+    size_t n_functions;
+    int64_t functions_created; /* unix s when first listed */
+    struct event *tick;        /* 1 s: refresh functions, keep-alives, deadlines */
+    uint64_t seq;              /* for request ids */
+};
+
+/* The process. */
+struct router {
+    struct router_config cfg;
+    char router_id[PW_KEY_NAME_MAX + 1];
+    char reply_key[PW_KEY_MAX];      /* pw:reply:{router_id} */
+    struct router_http_server *http; /* owned */
+    struct router_worker *workers;   /* owned, one per HTTP thread */
+    unsigned n_workers;
+    pthread_t reply_thread;
+    volatile int stopping;
+    int64_t started_unix_s;
+
+    struct pw_metrics *metrics;    /* owned */
+    struct pw_metric *m_requests;  /* counter {route, status, function} */
+    struct pw_metric *m_ttft;      /* histogram {function}, seconds */
+    struct pw_metric *m_itl;       /* histogram {function}, seconds between tokens */
+    struct pw_metric *m_e2e;       /* histogram {function}, seconds */
+    struct pw_metric *m_queue;     /* histogram {function}, seconds queued */
+    struct pw_metric *m_inflight;  /* gauge {} */
+    struct pw_metric *m_bytes_in;  /* counter {} request body bytes */
+    struct pw_metric *m_bytes_out; /* counter {} response bytes */
+};
+
+/* Sets up workers, metrics and the reply thread; http must be created. */
+enum pw_err router_start(struct router *rt, char *err, size_t errcap);
+/* The HTTP handler (router_http_handler_fn) with ud = the router. */
+void router_handle(struct router_http_request *req, void *ud);
+/* Stops the reply thread and frees what router_start made. */
+void router_stop(struct router *rt);
+
+#endif

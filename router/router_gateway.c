@@ -1,0 +1,1011 @@
+/*
+ * router_gateway: the router's request handling between HTTP and Redis (see router.h).
+ *
+ * A call (one API request) moves through:
+ *   route -> authenticate (API-key cache, else HGET pw:keys) -> rate limit (INCR per key
+ *   and minute, shared by every router through Redis) -> parse (router_openai) ->
+ *   enqueue (XADD pw:{fn}:q, one entry per fanned-out part) -> replies from the reply
+ *   thread -> SSE chunks or one JSON body.
+ * Memory: a call is freed when its reference count drops to zero: one reference for the
+ * HTTP side (until the terminal call) and one per Redis command in flight, so a reply that
+ * arrives after the client left finds a call marked gone instead of freed memory.
+ * Every function here runs on the call's worker thread.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+
+#include "parkway.pb-c.h"
+#include "pw_clock.h"
+#include "pw_log.h"
+#include "pw_metrics.h"
+#include "pw_proto.h"
+#include "pw_redis.h"
+#include "router.h"
+#include "router_openai.h"
+#include "router_sse.h"
+
+#define KEEPALIVE_MS 15000 /* SSE comment while a stream waits for its first token */
+#define CANCEL_TTL_S "600" /* pw:cancel:{id} lives this long */
+#define REVOKE_CHANNEL "pw:keys:revoked"
+#define FUNCTIONS_REFRESH_MS 2000
+
+enum route {
+    ROUTE_NONE = 0,
+    ROUTE_CHAT,
+    ROUTE_COMPLETIONS,
+    ROUTE_MODELS,
+    ROUTE_MODEL,
+};
+
+struct router_call {
+    struct router_worker *w;
+    struct router_http_request *req; /* NULL after the terminal HTTP call */
+    int refs;
+    bool gone; /* client left or call finished: ignore late events */
+    bool in_table;
+    bool stream;
+    enum route route;
+    const char *route_label;
+    char id[40];
+    struct router_call *next; /* in the worker's bucket */
+    struct router_key key;    /* copy of the caller's key (allowed list borrowed) */
+    char model[ROUTER_OPENAI_MODEL_MAX + 1];
+    struct router_openai_resp resp;
+    struct router_openai_acc *acc;
+    struct router_openai_stream *st;
+    Parkway__InferenceRequest **parts;
+    size_t n_parts;
+    uint64_t start_ns, first_token_ns, last_token_ns;
+    uint64_t deadline_ms;   /* mono */
+    uint64_t last_write_ms; /* mono, for SSE keep-alives */
+    bool queue_observed;
+    bool stream_started; /* SSE headers sent */
+};
+
+/* ---- helpers ----------------------------------------------------------------------- */
+
+/* The call's own copy of a cached key: the cache entry may be evicted or revoked while
+ * the call waits for Redis. */
+static void key_copy(struct router_key *dst, const struct router_key *src)
+{
+    *dst = *src;
+    dst->allowed = NULL;
+    dst->n_allowed = 0;
+    if (src->n_allowed == 0)
+        return;
+    dst->allowed = calloc(src->n_allowed, sizeof *dst->allowed);
+    for (size_t i = 0; dst->allowed && i < src->n_allowed; i++)
+        if ((dst->allowed[dst->n_allowed] = strdup(src->allowed[i])))
+            dst->n_allowed++;
+    /* A key limited to some functions must never widen to all on a failed copy. */
+    if (dst->n_allowed != src->n_allowed)
+        dst->disabled = true;
+}
+
+static void call_unref(struct router_call *c)
+{
+    if (--c->refs > 0)
+        return;
+    for (size_t i = 0; i < c->key.n_allowed; i++)
+        free(c->key.allowed[i]);
+    free(c->key.allowed);
+    router_openai_acc_destroy(c->acc);
+    router_openai_stream_destroy(c->st);
+    if (c->parts)
+        router_openai_requests_free(c->parts, c->n_parts);
+    free(c);
+}
+
+static unsigned bucket_of(const char *id)
+{
+    uint32_t h = 2166136261u;
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return h % ROUTER_CALLS_BUCKETS;
+}
+
+static void table_add(struct router_call *c)
+{
+    unsigned b = bucket_of(c->id);
+    c->next = c->w->calls[b];
+    c->w->calls[b] = c;
+    c->in_table = true;
+    c->refs++;
+    pw_metric_gauge_add(c->w->rt->m_inflight, NULL, 1);
+}
+
+/* Takes c out of its worker's table; returns the references to drop (1 if it was in). */
+static int table_unlink(struct router_call *c)
+{
+    if (!c->in_table)
+        return 0;
+    struct router_call **pp = &c->w->calls[bucket_of(c->id)];
+    while (*pp && *pp != c)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = c->next;
+    c->in_table = false;
+    pw_metric_gauge_add(c->w->rt->m_inflight, NULL, -1);
+    return 1;
+}
+
+/* The HTTP side is done: drop its reference and the table's (one free at most). */
+static void call_end(struct router_call *c)
+{
+    c->req = NULL;
+    c->gone = true;
+    c->refs -= table_unlink(c);
+    call_unref(c);
+}
+
+static struct router_call *table_find(struct router_worker *w, const char *id)
+{
+    for (struct router_call *c = w->calls[bucket_of(id)]; c; c = c->next)
+        if (strcmp(c->id, id) == 0)
+            return c;
+    return NULL;
+}
+
+static void count_request(struct router_call *c, int status)
+{
+    char s[8];
+    snprintf(s, sizeof s, "%d", status);
+    const char *labels[] = {c->route_label, s, c->model[0] ? c->model : ""};
+    pw_metric_counter_add(c->w->rt->m_requests, labels, 1);
+}
+
+/* Ends the HTTP side with an OpenAI error object. */
+static void finish_error(struct router_call *c, const struct router_openai_error *e)
+{
+    if (!c->req)
+        return;
+    count_request(c, e->status);
+    if (c->st && c->stream_started) {
+        /* A stream that already started: the error is the last event. */
+        struct router_sse_buf buf;
+        router_sse_buf_init(&buf);
+        if (router_openai_stream_fail(c->st, e, &buf) == PW_OK && buf.len)
+            router_http_stream_write(c->req, buf.data, buf.len);
+        router_sse_buf_deinit(&buf);
+        router_http_stream_end(c->req);
+    } else {
+        char *body = NULL;
+        size_t len = 0;
+        char ra[16];
+        struct router_http_field hdr[2];
+        size_t nh = 0;
+        hdr[nh++] = (struct router_http_field){"content-type", "application/json"};
+        if (e->retry_after_s > 0) {
+            snprintf(ra, sizeof ra, "%d", e->retry_after_s);
+            hdr[nh++] = (struct router_http_field){"retry-after", ra};
+        }
+        if (router_openai_error_json(e, &body, &len) == PW_OK) {
+            pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)len);
+            router_http_respond(c->req, e->status, hdr, nh, body, len);
+        } else {
+            router_http_respond_error(c->req, 500, "server_error", NULL, "internal error");
+        }
+        free(body);
+    }
+    call_end(c);
+}
+
+static void respond_json(struct router_call *c, int status, char *body, size_t len)
+{
+    struct router_http_field hdr[] = {{"content-type", "application/json"}};
+    count_request(c, status);
+    pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)len);
+    router_http_respond(c->req, status, hdr, 1, body, len);
+    call_end(c);
+}
+
+/* Tells engines to stop working on the call's parts (best effort). */
+static void set_cancel_flags(struct router_call *c)
+{
+    for (size_t i = 0; i < c->n_parts; i++) {
+        char key[PW_KEY_MAX];
+        if (!c->parts || !c->parts[i] || pw_key_cancel(key, sizeof key, c->parts[i]->id))
+            continue;
+        pw_redis_command(c->w->redis, NULL, NULL, "SET", key, "1", "EX", CANCEL_TTL_S, NULL);
+    }
+}
+
+static void on_client_gone(struct router_http_request *req, void *ud)
+{
+    struct router_call *c = ud;
+    if (!c->req)
+        return;
+    PW_LOG_INFO("event=client_gone request=%s", c->id);
+    count_request(c, 499);
+    set_cancel_flags(c);
+    router_http_request_release(c->req);
+    call_end(c);
+}
+
+/* ---- functions snapshot ------------------------------------------------------------ */
+
+static bool function_known(const struct router_worker *w, const char *name)
+{
+    for (size_t i = 0; i < w->n_functions; i++)
+        if (strcmp(w->functions[i], name) == 0)
+            return true;
+    return false;
+}
+
+static bool key_allows(const struct router_key *k, const char *fn)
+{
+    if (k->n_allowed == 0)
+        return true;
+    for (size_t i = 0; i < k->n_allowed; i++)
+        if (strcmp(k->allowed[i], fn) == 0)
+            return true;
+    return false;
+}
+
+static void on_functions(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                         const char *errstr, void *ud)
+{
+    struct router_worker *w = ud;
+    if (err || !reply || reply->type != REDIS_REPLY_ARRAY)
+        return;
+    char **names = calloc(reply->elements + 1, sizeof *names);
+    if (!names)
+        return;
+    size_t n = 0;
+    for (size_t i = 0; i < reply->elements; i++) {
+        if (reply->element[i]->type == REDIS_REPLY_STRING && pw_key_name_ok(reply->element[i]->str))
+            names[n++] = strdup(reply->element[i]->str);
+    }
+    for (size_t i = 0; i < w->n_functions; i++)
+        free(w->functions[i]);
+    free(w->functions);
+    w->functions = names;
+    w->n_functions = n;
+    if (!w->functions_created)
+        w->functions_created = pw_clock_wall_ms() / 1000;
+}
+
+static void refresh_functions(struct router_worker *w)
+{
+    pw_redis_command(w->redis, on_functions, w, "HKEYS", PW_KEY_FUNCTIONS, NULL);
+}
+
+/* ---- API keys ---------------------------------------------------------------------- */
+
+static void key_clear(struct router_key *k)
+{
+    for (size_t i = 0; i < k->n_allowed; i++)
+        free(k->allowed[i]);
+    free(k->allowed);
+    memset(k, 0, sizeof *k);
+}
+
+static struct router_key *key_slot(struct router_worker *w, const char *hex)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++)
+        v = v * 16 + (unsigned)(hex[i] <= '9' ? hex[i] - '0' : hex[i] - 'a' + 10);
+    return &w->keys[v % ROUTER_KEY_CACHE];
+}
+
+static void on_key_revoked(struct pw_redis *r, const char *channel, size_t channel_len,
+                           const char *payload, size_t len, void *ud)
+{
+    struct router_worker *w = ud;
+    if (len != PW_APIKEY_HASH_HEX_LEN)
+        return;
+    char hex[PW_APIKEY_HASH_HEX_LEN + 1];
+    memcpy(hex, payload, len);
+    hex[len] = '\0';
+    struct router_key *k = key_slot(w, hex);
+    if (strcmp(k->hash_hex, hex) == 0)
+        key_clear(k);
+}
+
+static void continue_call(struct router_call *c);
+
+static void on_key_record(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                          const char *errstr, void *ud)
+{
+    struct router_call *c = ud;
+    struct router_worker *w = c->w;
+    if (c->gone) {
+        call_unref(c);
+        return;
+    }
+    struct router_openai_error e;
+    if (err || !reply || reply->type == REDIS_REPLY_ERROR) {
+        router_openai_err_unavailable(&e, "the key store (Redis) is unavailable", 1);
+        finish_error(c, &e);
+        call_unref(c);
+        return;
+    }
+    struct router_key *k = key_slot(w, c->key.hash_hex);
+    char hex[sizeof k->hash_hex];
+    memcpy(hex, c->key.hash_hex, sizeof hex);
+    key_clear(k);
+    memcpy(k->hash_hex, hex, sizeof hex);
+    k->expires_ms = pw_clock_mono_ms() + w->rt->cfg.key_cache_ms;
+    Parkway__KeyRecord *rec = NULL;
+    if (reply->type != REDIS_REPLY_STRING ||
+        pw_proto_unpack_key(reply->str, reply->len, 0, &rec) != PW_OK) {
+        k->missing = true;
+    } else {
+        snprintf(k->key_id, sizeof k->key_id, "%s", rec->key_id ? rec->key_id : "");
+        snprintf(k->tenant, sizeof k->tenant, "%s", rec->tenant ? rec->tenant : "");
+        k->rpm = rec->rpm_limit;
+        k->tpm = rec->tpm_limit;
+        k->disabled =
+            rec->disabled || (rec->expires_unix_ms && rec->expires_unix_ms < pw_clock_wall_ms());
+        if (rec->n_allowed_functions) {
+            k->allowed = calloc(rec->n_allowed_functions, sizeof *k->allowed);
+            for (size_t i = 0; k->allowed && i < rec->n_allowed_functions; i++)
+                if ((k->allowed[k->n_allowed] = strdup(rec->allowed_functions[i])))
+                    k->n_allowed++;
+        }
+        pw_proto_free_key(rec);
+    }
+    key_copy(&c->key, k);
+    continue_call(c);
+    call_unref(c);
+}
+
+/* Returns true when the call may go on now; false when it waits for Redis or has ended. */
+static bool authenticate(struct router_call *c)
+{
+    struct router_openai_error e;
+    const char *auth = router_http_request_header(c->req, "authorization");
+    const char *key;
+    size_t key_len;
+    if (!auth) {
+        router_openai_err_missing_key(&e);
+        finish_error(c, &e);
+        return false;
+    }
+    if (pw_apikey_parse_bearer(auth, strlen(auth), &key, &key_len) != PW_OK) {
+        router_openai_err_bad_key(&e);
+        finish_error(c, &e);
+        return false;
+    }
+    uint8_t hash[PW_APIKEY_HASH_LEN];
+    pw_apikey_hash(key, key_len, hash);
+    pw_hex_encode(hash, sizeof hash, c->key.hash_hex);
+    struct router_key *k = key_slot(c->w, c->key.hash_hex);
+    if (k->hash_hex[0] && pw_ct_equal(k->hash_hex, c->key.hash_hex, PW_APIKEY_HASH_HEX_LEN) &&
+        k->expires_ms > pw_clock_mono_ms()) {
+        key_copy(&c->key, k);
+        return true;
+    }
+    c->refs++;
+    if (pw_redis_command(c->w->redis, on_key_record, c, "HGET", PW_KEY_KEYS, c->key.hash_hex,
+                         NULL) != PW_OK) {
+        c->refs--;
+        router_openai_err_unavailable(&e, "the key store (Redis) is unavailable", 1);
+        finish_error(c, &e);
+    }
+    return false;
+}
+
+/* ---- inference calls --------------------------------------------------------------- */
+
+static enum router_openai_access model_check(void *arg, const char *model)
+{
+    struct router_call *c = arg;
+    if (!function_known(c->w, model))
+        return ROUTER_OPENAI_MODEL_NOT_FOUND;
+    if (!key_allows(&c->key, model))
+        return ROUTER_OPENAI_MODEL_DENIED;
+    return ROUTER_OPENAI_MODEL_OK;
+}
+
+static void on_enqueued(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                        const char *errstr, void *ud)
+{
+    struct router_call *c = ud;
+    if (!c->gone && (err || !reply || reply->type == REDIS_REPLY_ERROR)) {
+        PW_LOG_ERROR("event=enqueue_failed request=%s err=%s", c->id,
+                     reply && reply->type == REDIS_REPLY_ERROR ? reply->str
+                                                               : (errstr ? errstr : "?"));
+        struct router_openai_error e;
+        router_openai_err_unavailable(&e, "the request queue (Redis) is unavailable", 1);
+        set_cancel_flags(c);
+        finish_error(c, &e);
+    }
+    call_unref(c);
+}
+
+static void enqueue(struct router_call *c)
+{
+    struct router_worker *w = c->w;
+    struct router_openai_error e;
+    char qkey[PW_KEY_MAX];
+    if (pw_key_queue(qkey, sizeof qkey, c->model) != PW_OK) {
+        router_openai_err_model_not_found(&e, c->model);
+        finish_error(c, &e);
+        return;
+    }
+    router_openai_resp_from_request(&c->resp, c->parts[0], c->id, c->n_parts,
+                                    pw_clock_wall_ms() / 1000);
+    c->resp.model = c->model;
+    if (c->stream)
+        c->st = router_openai_stream_create(&c->resp);
+    else
+        c->acc = router_openai_acc_create(&c->resp);
+    if ((c->stream && !c->st) || (!c->stream && !c->acc)) {
+        router_openai_err_internal(&e);
+        finish_error(c, &e);
+        return;
+    }
+    table_add(c);
+    for (size_t i = 0; i < c->n_parts; i++) {
+        uint8_t buf[64 * 1024], *heap = NULL, *data = buf;
+        size_t len = 0;
+        const char *why = NULL;
+        if (pw_proto_pack_request(c->parts[i], buf, sizeof buf, &len, &why) != PW_OK) {
+            if (pw_proto_pack_request_alloc(c->parts[i], &heap, &len, &why) != PW_OK) {
+                router_openai_err_param(&e, NULL, NULL, "request cannot be queued: %s",
+                                        why ? why : "too large");
+                finish_error(c, &e);
+                return;
+            }
+            data = heap;
+        }
+        const char *argv[] = {"XADD", qkey, "*", PW_STREAM_FIELD, (const char *)data};
+        size_t lens[] = {4, strlen(qkey), 1, strlen(PW_STREAM_FIELD), len};
+        c->refs++;
+        enum pw_err pe = pw_redis_command_argv(w->redis, 5, argv, lens, on_enqueued, c);
+        free(heap);
+        if (pe) {
+            c->refs--;
+            router_openai_err_unavailable(&e, "the request queue (Redis) is unavailable", 1);
+            finish_error(c, &e);
+            return;
+        }
+    }
+    /* The scaler starts or unparks an engine when work arrives for a function. */
+    pw_redis_command(w->redis, NULL, NULL, "PUBLISH", PW_KEY_WAKE, c->model, NULL);
+    if (c->stream) {
+        struct router_http_field hdr[] = {{"content-type", "text/event-stream"},
+                                          {"cache-control", "no-cache"}};
+        router_http_stream_begin(c->req, 200, hdr, 2);
+        c->stream_started = true;
+        c->last_write_ms = pw_clock_mono_ms();
+    }
+    PW_LOG_INFO("event=request_queued request=%s function=%s key_id=%s parts=%zu stream=%d", c->id,
+                c->model, c->key.key_id, c->n_parts, c->stream);
+}
+
+static void parse_and_enqueue(struct router_call *c)
+{
+    struct router_openai_error e;
+    memset(&e, 0, sizeof e);
+    struct router_openai_ctx ctx = {
+        .request_id = c->id,
+        .tenant = c->key.tenant,
+        .key_id = c->key.key_id,
+        .reply_to = c->w->rt->reply_key,
+        .now_unix_ms = pw_clock_wall_ms(),
+        .default_deadline_ms = c->w->rt->cfg.request_timeout_ms,
+        .max_deadline_ms = c->w->rt->cfg.request_timeout_ms,
+        .model_check = model_check,
+        .model_check_arg = c,
+    };
+    if (getrandom(&ctx.seed, sizeof ctx.seed, 0) != sizeof ctx.seed)
+        ctx.seed = pw_clock_mono_ns();
+    enum pw_err pe;
+    if (c->route == ROUTE_CHAT) {
+        Parkway__InferenceRequest *one = NULL;
+        pe = router_openai_parse_chat(c->req->body, c->req->body_len, &ctx, &one, &e);
+        if (pe == PW_OK) {
+            c->parts = calloc(1, sizeof *c->parts);
+            if (c->parts) {
+                c->parts[0] = one;
+                c->n_parts = 1;
+            } else {
+                pw_proto_free_request(one);
+                pe = PW_ERR_NOMEM;
+                router_openai_err_internal(&e);
+            }
+        }
+    } else {
+        pe = router_openai_parse_completion(c->req->body, c->req->body_len, &ctx, &c->parts,
+                                            &c->n_parts, &e);
+    }
+    if (pe) {
+        if (pe == PW_ERR_NOMEM || e.status == 0)
+            router_openai_err_internal(&e);
+        finish_error(c, &e);
+        return;
+    }
+    snprintf(c->model, sizeof c->model, "%s", c->parts[0]->function);
+    c->stream = c->parts[0]->stream;
+    enqueue(c);
+}
+
+static void on_rate_count(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                          const char *errstr, void *ud)
+{
+    struct router_call *c = ud;
+    if (c->gone) {
+        call_unref(c);
+        return;
+    }
+    /* Rate limiting fails open when Redis answers oddly: the queue write will tell. */
+    if (!err && reply && reply->type == REDIS_REPLY_INTEGER &&
+        (uint64_t)reply->integer > c->key.rpm) {
+        struct router_openai_error e;
+        int retry = 60 - (int)((pw_clock_wall_ms() / 1000) % 60);
+        router_openai_err_rate_limited(&e, "requests", NULL, c->key.rpm, retry);
+        finish_error(c, &e);
+    } else {
+        parse_and_enqueue(c);
+    }
+    call_unref(c);
+}
+
+static void limit_then_enqueue(struct router_call *c)
+{
+    if (c->key.rpm == 0) {
+        parse_and_enqueue(c);
+        return;
+    }
+    char key[PW_KEY_MAX + 32];
+    snprintf(key, sizeof key, "pw:rl:{%s}:%" PRId64, c->key.key_id, pw_clock_wall_ms() / 60000);
+    pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", key, "120", NULL);
+    c->refs++;
+    if (pw_redis_command(c->w->redis, on_rate_count, c, "INCR", key, NULL) != PW_OK) {
+        c->refs--;
+        struct router_openai_error e;
+        router_openai_err_unavailable(&e, "the rate limiter (Redis) is unavailable", 1);
+        finish_error(c, &e);
+    }
+}
+
+static void list_models(struct router_call *c)
+{
+    struct router_worker *w = c->w;
+    struct router_openai_model *ms = calloc(w->n_functions + 1, sizeof *ms);
+    size_t n = 0;
+    char *body = NULL;
+    size_t len = 0;
+    struct router_openai_error e;
+    for (size_t i = 0; ms && i < w->n_functions; i++) {
+        if (!key_allows(&c->key, w->functions[i]))
+            continue;
+        if (c->route == ROUTE_MODEL && strcmp(c->model, w->functions[i]) != 0)
+            continue;
+        ms[n++] = (struct router_openai_model){w->functions[i], w->functions_created, "parkway"};
+    }
+    enum pw_err pe;
+    if (c->route == ROUTE_MODEL) {
+        if (n == 0) {
+            router_openai_err_model_not_found(&e, c->model);
+            free(ms);
+            finish_error(c, &e);
+            return;
+        }
+        pe = router_openai_model_json(&ms[0], &body, &len);
+    } else {
+        pe = router_openai_models_json(ms, n, &body, &len);
+    }
+    free(ms);
+    if (pe) {
+        router_openai_err_internal(&e);
+        finish_error(c, &e);
+        return;
+    }
+    respond_json(c, 200, body, len);
+    free(body);
+}
+
+/* After authentication. */
+static void continue_call(struct router_call *c)
+{
+    struct router_openai_error e;
+    if (c->key.missing || c->key.disabled) {
+        router_openai_err_bad_key(&e);
+        finish_error(c, &e);
+        return;
+    }
+    if (c->route == ROUTE_MODELS || c->route == ROUTE_MODEL)
+        list_models(c);
+    else
+        limit_then_enqueue(c);
+}
+
+/* ---- replies (on the worker thread, posted by the reply thread) --------------------- */
+
+struct posted_chunk {
+    struct router_worker *w;
+    size_t len;
+    uint8_t data[];
+};
+
+static void observe_tokens(struct router_call *c, const Parkway__ReplyChunk *ch)
+{
+    struct router *rt = c->w->rt;
+    const char *labels[] = {c->model};
+    uint64_t now = pw_clock_mono_ns();
+    if (!c->queue_observed && ch->queue_ms) {
+        pw_metric_histogram_observe(rt->m_queue, labels, ch->queue_ms / 1000.0);
+        c->queue_observed = true;
+    }
+    if (ch->text && ch->text[0]) {
+        if (!c->first_token_ns) {
+            c->first_token_ns = now;
+            pw_metric_histogram_observe(rt->m_ttft, labels, (double)(now - c->start_ns) / 1e9);
+        } else {
+            pw_metric_histogram_observe(rt->m_itl, labels, (double)(now - c->last_token_ns) / 1e9);
+        }
+        c->last_token_ns = now;
+    }
+}
+
+static void finish_ok(struct router_call *c, int status)
+{
+    const char *labels[] = {c->model};
+    pw_metric_histogram_observe(c->w->rt->m_e2e, labels,
+                                (double)(pw_clock_mono_ns() - c->start_ns) / 1e9);
+    count_request(c, status);
+    call_end(c);
+}
+
+static void deliver_chunk(void *arg)
+{
+    struct posted_chunk *pc = arg;
+    Parkway__ReplyChunk *ch = NULL;
+    if (pw_proto_unpack_reply(pc->data, pc->len, 0, &ch) != PW_OK) {
+        free(pc);
+        return;
+    }
+    char base[sizeof((struct router_call *)0)->id];
+    snprintf(base, sizeof base, "%s", ch->request_id);
+    char *dot = strchr(base, '.');
+    if (dot)
+        *dot = '\0';
+    struct router_call *c = table_find(pc->w, base);
+    if (!c || c->gone || !c->req)
+        goto out;
+    observe_tokens(c, ch);
+    bool finished = false;
+    if (c->stream) {
+        struct router_sse_buf buf;
+        router_sse_buf_init(&buf);
+        if (router_openai_stream_feed(c->st, ch, &buf, &finished) == PW_OK && buf.len) {
+            pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)buf.len);
+            router_http_stream_write(c->req, buf.data, buf.len);
+            c->last_write_ms = pw_clock_mono_ms();
+        }
+        router_sse_buf_deinit(&buf);
+        if (finished) {
+            router_http_stream_end(c->req);
+            finish_ok(c, 200);
+        }
+    } else {
+        if (router_openai_acc_add(c->acc, ch, &finished) == PW_OK && finished) {
+            char *body = NULL;
+            size_t len = 0;
+            int status = 500;
+            if (router_openai_acc_render(c->acc, &body, &len, &status) == PW_OK) {
+                struct router_http_field hdr[] = {{"content-type", "application/json"}};
+                pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)len);
+                router_http_respond(c->req, status, hdr, 1, body, len);
+                free(body);
+                finish_ok(c, status);
+            } else {
+                struct router_openai_error e;
+                router_openai_err_internal(&e);
+                finish_error(c, &e);
+            }
+        }
+    }
+out:
+    pw_proto_free_reply(ch);
+    free(pc);
+}
+
+static void *reply_thread(void *arg)
+{
+    struct router *rt = arg;
+    redisContext *rc = NULL;
+    char last_id[PW_STREAM_ID_MAX] = "$";
+    uint64_t backoff = 100;
+    while (!rt->stopping) {
+        if (!rc) {
+            char err[256];
+            if (pw_redis_sync_connect(rt->cfg.redis_url, 2000, &rc, err, sizeof err) != PW_OK) {
+                PW_LOG_WARN("event=reply_reader_connect_failed err=%s", err);
+                rc = NULL;
+                struct timespec ts = {(time_t)(backoff / 1000), (long)(backoff % 1000) * 1000000L};
+                nanosleep(&ts, NULL);
+                backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
+                continue;
+            }
+            backoff = 100;
+            struct timeval tv = {3, 0}; /* above the 1 s BLOCK */
+            redisSetTimeout(rc, tv);
+        }
+        const char *argv[] = {"XREAD", "COUNT",   "512",         "BLOCK",
+                              "1000",  "STREAMS", rt->reply_key, last_id};
+        redisReply *r = redisCommandArgv(rc, 8, argv, NULL);
+        if (!r) {
+            PW_LOG_WARN("event=reply_reader_error err=%s", rc->errstr);
+            redisFree(rc);
+            rc = NULL;
+            continue;
+        }
+        struct pw_stream_entries *es = NULL;
+        if (r->type != REDIS_REPLY_ERROR && pw_stream_parse_read(r, &es) == PW_OK) {
+            for (size_t i = 0; i < es->n; i++) {
+                const struct pw_slice *v = pw_stream_entry_get(&es->v[i], PW_STREAM_FIELD);
+                snprintf(last_id, sizeof last_id, "%s", es->v[i].id);
+                if (!v)
+                    continue;
+                /* The request id's first bytes name the worker: "r<2 hex>...". Peek at
+                 * the protobuf only for that; the worker decodes it fully. */
+                Parkway__ReplyChunk *ch = NULL;
+                if (pw_proto_unpack_reply(v->ptr, v->len, 0, &ch) != PW_OK)
+                    continue;
+                unsigned widx = 0;
+                bool ok = ch->request_id && ch->request_id[0] == 'r' &&
+                          sscanf(ch->request_id + 1, "%2x", &widx) == 1 && widx < rt->n_workers;
+                pw_proto_free_reply(ch);
+                if (!ok)
+                    continue;
+                struct posted_chunk *pc = malloc(sizeof *pc + v->len);
+                if (!pc)
+                    continue;
+                pc->w = &rt->workers[widx];
+                pc->len = v->len;
+                memcpy(pc->data, v->ptr, v->len);
+                if (router_http_server_post(rt->http, widx, deliver_chunk, pc) != PW_OK)
+                    free(pc);
+            }
+            /* Entries read are of no further use: trim what this reader has passed. */
+            if (es->n > 0) {
+                const char *t[] = {"XTRIM", rt->reply_key, "MINID", last_id};
+                freeReplyObject(redisCommandArgv(rc, 4, t, NULL));
+            }
+        }
+        pw_stream_entries_free(es);
+        freeReplyObject(r);
+    }
+    if (rc)
+        redisFree(rc);
+    return NULL;
+}
+
+/* ---- ticks: deadlines, keep-alives, snapshots --------------------------------------- */
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct router_worker *w = arg;
+    uint64_t now = pw_clock_mono_ms();
+    static const uint64_t refresh_every = FUNCTIONS_REFRESH_MS / 1000;
+    if (refresh_every == 0 || (now / 1000) % refresh_every == 0 || w->n_functions == 0)
+        refresh_functions(w);
+    for (unsigned b = 0; b < ROUTER_CALLS_BUCKETS; b++) {
+        struct router_call *c = w->calls[b];
+        while (c) {
+            struct router_call *next = c->next;
+            if (c->req && c->deadline_ms && now > c->deadline_ms) {
+                PW_LOG_WARN("event=deadline request=%s", c->id);
+                struct router_openai_error e;
+                router_openai_err_deadline(&e);
+                set_cancel_flags(c);
+                finish_error(c, &e);
+            } else if (c->req && c->stream && now - c->last_write_ms >= KEEPALIVE_MS) {
+                struct router_sse_buf buf;
+                router_sse_buf_init(&buf);
+                if (router_sse_comment(&buf, "keep-alive") == PW_OK)
+                    router_http_stream_write(c->req, buf.data, buf.len);
+                router_sse_buf_deinit(&buf);
+                c->last_write_ms = now;
+            }
+            c = next;
+        }
+    }
+}
+
+/* ---- entry points ------------------------------------------------------------------ */
+
+static bool path_is(const struct router_http_request *req, const char *p)
+{
+    return req->path_len == strlen(p) && memcmp(req->path, p, req->path_len) == 0;
+}
+
+static void handle_metrics(struct router *rt, struct router_http_request *req)
+{
+    const char *auth = router_http_request_header(req, "authorization");
+    const char *key;
+    size_t len;
+    if (!rt->cfg.admin_key || !auth || pw_apikey_parse_bearer(auth, strlen(auth), &key, &len) ||
+        len != strlen(rt->cfg.admin_key) || !pw_ct_equal(key, rt->cfg.admin_key, len)) {
+        router_http_respond_error(req, 401, "invalid_request_error", "invalid_api_key",
+                                  "/metrics needs the admin key (--admin-key) as a Bearer token");
+        return;
+    }
+    char *text = NULL;
+    size_t n = 0;
+    if (pw_metrics_render(rt->metrics, &text, &n) != PW_OK) {
+        router_http_respond_error(req, 500, "server_error", NULL, "cannot render metrics");
+        return;
+    }
+    struct router_http_field hdr[] = {{"content-type", "text/plain; version=0.0.4"}};
+    router_http_respond(req, 200, hdr, 1, text, n);
+    free(text);
+}
+
+void router_handle(struct router_http_request *req, void *ud)
+{
+    struct router *rt = ud;
+    struct router_worker *w = &rt->workers[req->worker];
+    bool get = strcmp(req->method, "GET") == 0, post = strcmp(req->method, "POST") == 0;
+    pw_metric_counter_add(rt->m_bytes_in, NULL, (double)req->body_len);
+
+    if (path_is(req, "/healthz") && get) {
+        static const char ok[] = "{\"status\":\"ok\"}";
+        struct router_http_field hdr[] = {{"content-type", "application/json"}};
+        router_http_respond(req, 200, hdr, 1, ok, sizeof ok - 1);
+        return;
+    }
+    if (path_is(req, "/readyz") && get) {
+        if (pw_redis_is_connected(w->redis)) {
+            static const char ok[] = "{\"status\":\"ready\"}";
+            struct router_http_field hdr[] = {{"content-type", "application/json"}};
+            router_http_respond(req, 200, hdr, 1, ok, sizeof ok - 1);
+        } else {
+            router_http_respond_error(req, 503, "server_error", "redis_unavailable",
+                                      "Redis is not reachable");
+        }
+        return;
+    }
+    if (path_is(req, "/metrics") && get) {
+        handle_metrics(rt, req);
+        return;
+    }
+
+    struct router_call *c = calloc(1, sizeof *c);
+    if (!c) {
+        router_http_respond_error(req, 500, "server_error", NULL, "out of memory");
+        return;
+    }
+    c->w = w;
+    c->req = req;
+    c->refs = 1;
+    c->start_ns = req->start_ns;
+    c->deadline_ms =
+        rt->cfg.request_timeout_ms ? pw_clock_mono_ms() + rt->cfg.request_timeout_ms : 0;
+    uint64_t rnd = 0;
+    if (getrandom(&rnd, sizeof rnd, 0) != sizeof rnd)
+        rnd = pw_clock_mono_ns() ^ ++w->seq;
+    snprintf(c->id, sizeof c->id, "r%02x%016" PRIx64, w->index & 0xff, rnd);
+    router_http_request_set_cancel(req, on_client_gone, c);
+
+    struct router_openai_error e;
+    static const char models_prefix[] = "/v1/models/";
+    if (path_is(req, "/v1/chat/completions")) {
+        c->route = ROUTE_CHAT;
+        c->route_label = "/v1/chat/completions";
+    } else if (path_is(req, "/v1/completions")) {
+        c->route = ROUTE_COMPLETIONS;
+        c->route_label = "/v1/completions";
+    } else if (path_is(req, "/v1/models")) {
+        c->route = ROUTE_MODELS;
+        c->route_label = "/v1/models";
+    } else if (req->path_len > sizeof models_prefix - 1 && req->path_len < sizeof c->model &&
+               memcmp(req->path, models_prefix, sizeof models_prefix - 1) == 0) {
+        c->route = ROUTE_MODEL;
+        c->route_label = "/v1/models/{id}";
+        size_t n = req->path_len - (sizeof models_prefix - 1);
+        memcpy(c->model, req->path + sizeof models_prefix - 1, n);
+        c->model[n] = '\0';
+    } else {
+        c->route_label = "other";
+        router_openai_err_unknown_route(&e, req->method, req->path);
+        finish_error(c, &e);
+        return;
+    }
+    bool want_post = c->route == ROUTE_CHAT || c->route == ROUTE_COMPLETIONS;
+    if ((want_post && !post) || (!want_post && !get)) {
+        router_openai_err_method(&e, req->method, req->path);
+        finish_error(c, &e);
+        return;
+    }
+    if (!pw_redis_is_connected(w->redis)) {
+        router_openai_err_unavailable(&e, "Redis is not reachable", 1);
+        finish_error(c, &e);
+        return;
+    }
+    if (authenticate(c))
+        continue_call(c);
+}
+
+enum pw_err router_start(struct router *rt, char *err, size_t errcap)
+{
+    rt->started_unix_s = pw_clock_wall_ms() / 1000;
+    if (pw_key_reply(rt->reply_key, sizeof rt->reply_key, rt->router_id) != PW_OK) {
+        snprintf(err, errcap, "router id %s: use 1-128 of [A-Za-z0-9._-]", rt->router_id);
+        return PW_ERR_CONFIG;
+    }
+    rt->metrics = pw_metrics_create();
+    if (!rt->metrics)
+        return PW_ERR_NOMEM;
+    const char *rsf[] = {"route", "status", "function"}, *fn[] = {"function"};
+    enum pw_err e;
+    if ((e = pw_metrics_counter(rt->metrics, "parkway_router_requests_total",
+                                "API requests by route, status and function", 3, rsf,
+                                &rt->m_requests)) ||
+        (e = pw_metrics_histogram(rt->metrics, "parkway_router_time_to_first_token_seconds",
+                                  "request start to first token", 1, fn, NULL, 0, &rt->m_ttft)) ||
+        (e = pw_metrics_histogram(rt->metrics, "parkway_router_inter_token_seconds",
+                                  "time between streamed tokens", 1, fn, NULL, 0, &rt->m_itl)) ||
+        (e = pw_metrics_histogram(rt->metrics, "parkway_router_request_seconds",
+                                  "request start to last byte", 1, fn, NULL, 0, &rt->m_e2e)) ||
+        (e = pw_metrics_histogram(rt->metrics, "parkway_router_queue_wait_seconds",
+                                  "time a request waited in the queue for an engine", 1, fn, NULL,
+                                  0, &rt->m_queue)) ||
+        (e = pw_metrics_gauge(rt->metrics, "parkway_router_in_flight", "calls in flight", 0, NULL,
+                              &rt->m_inflight)) ||
+        (e = pw_metrics_counter(rt->metrics, "parkway_router_request_bytes_total",
+                                "request body bytes", 0, NULL, &rt->m_bytes_in)) ||
+        (e = pw_metrics_counter(rt->metrics, "parkway_router_response_bytes_total",
+                                "response body bytes", 0, NULL, &rt->m_bytes_out))) {
+        snprintf(err, errcap, "metrics: %s", pw_err_desc(e));
+        return e;
+    }
+    rt->n_workers = router_http_server_threads(rt->http);
+    if (rt->n_workers > 256) {
+        snprintf(err, errcap, "at most 256 threads");
+        return PW_ERR_CONFIG;
+    }
+    rt->workers = calloc(rt->n_workers, sizeof *rt->workers);
+    if (!rt->workers)
+        return PW_ERR_NOMEM;
+    for (unsigned i = 0; i < rt->n_workers; i++) {
+        struct router_worker *w = &rt->workers[i];
+        w->rt = rt;
+        w->index = i;
+        w->base = router_http_server_base(rt->http, i);
+        struct pw_redis_opts ro = {.name = "router"};
+        if ((e = pw_redis_create(w->base, rt->cfg.redis_url, &ro, &w->redis, err, errcap)))
+            return e;
+        pw_redis_subscribe(w->redis, REVOKE_CHANNEL, on_key_revoked, w);
+        refresh_functions(w);
+        w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
+        struct timeval tv = {1, 0};
+        if (!w->tick || event_add(w->tick, &tv) != 0)
+            return PW_ERR_NOMEM;
+    }
+    if (pthread_create(&rt->reply_thread, NULL, reply_thread, rt) != 0) {
+        snprintf(err, errcap, "cannot start the reply thread");
+        return PW_ERR_INTERNAL;
+    }
+    return PW_OK;
+}
+
+void router_stop(struct router *rt)
+{
+    rt->stopping = 1;
+    if (rt->workers)
+        pthread_join(rt->reply_thread, NULL);
+    for (unsigned i = 0; rt->workers && i < rt->n_workers; i++) {
+        struct router_worker *w = &rt->workers[i];
+        if (w->tick)
+            event_free(w->tick);
+        pw_redis_destroy(w->redis);
+        for (size_t k = 0; k < w->n_functions; k++)
+            free(w->functions[k]);
+        free(w->functions);
+        for (size_t k = 0; k < ROUTER_KEY_CACHE; k++)
+            key_clear(&w->keys[k]);
+    }
+    free(rt->workers);
+    pw_metrics_destroy(rt->metrics);
+}
