@@ -57,8 +57,7 @@ fail:
     return PW_ERR_IO;
 }
 
-enum pw_err parkway_stack_prepare_dirs(const struct parkway_stack_opts *o, char *err,
-                                       size_t errcap)
+enum pw_err parkway_stack_prepare_dirs(const struct parkway_stack_opts *o, char *err, size_t errcap)
 {
     char path[PATH_MAX];
     enum pw_err e = mkdir_p(o->state_dir, err, errcap);
@@ -130,8 +129,8 @@ static redisReply *command_argv(redisContext *c, int argc, const char **argv, co
     return r;
 }
 
-enum pw_err parkway_stack_wait_redis(const struct parkway_stack_opts *o, int timeout_ms,
-                                     char *err, size_t errcap)
+enum pw_err parkway_stack_wait_redis(const struct parkway_stack_opts *o, int timeout_ms, char *err,
+                                     size_t errcap)
 {
     uint64_t until = pw_clock_mono_ms() + (uint64_t)timeout_ms;
     for (;;) {
@@ -204,8 +203,8 @@ out:
     return e;
 }
 
-/* The OPENAI_API_KEY line of state_dir/env, if any. */
-static bool read_saved_key(const struct parkway_stack_opts *o, char *key, size_t keycap)
+/* The value of `name=` in state_dir/env, if any. */
+static bool read_saved(const struct parkway_stack_opts *o, const char *name, char *val, size_t cap)
 {
     char path[PATH_MAX], line[512];
     snprintf(path, sizeof path, "%s/env", o->state_dir);
@@ -213,20 +212,29 @@ static bool read_saved_key(const struct parkway_stack_opts *o, char *key, size_t
     if (!f)
         return false;
     bool found = false;
+    size_t n = strlen(name);
     while (fgets(line, sizeof line, f)) {
-        static const char prefix[] = "OPENAI_API_KEY=";
-        if (strncmp(line, prefix, sizeof prefix - 1) == 0) {
+        if (strncmp(line, name, n) == 0 && line[n] == '=') {
             line[strcspn(line, "\r\n")] = '\0';
-            snprintf(key, keycap, "%s", line + sizeof prefix - 1);
-            found = key[0] != '\0';
+            snprintf(val, cap, "%s", line + n + 1);
+            found = val[0] != '\0';
         }
     }
     fclose(f);
     return found;
 }
 
-enum pw_err parkway_stack_ensure_key(const struct parkway_stack_opts *o, bool force_new,
-                                     char *key, size_t keycap, char *err, size_t errcap)
+enum pw_err parkway_stack_admin_key(const struct parkway_stack_opts *o, char *key, size_t cap)
+{
+    if (read_saved(o, "PARKWAY_ADMIN_KEY", key, cap) && pw_apikey_format_ok(key, strlen(key)))
+        return PW_OK;
+    if (cap < PW_APIKEY_LEN + 1)
+        return PW_ERR_INVAL;
+    return pw_apikey_generate(key);
+}
+
+enum pw_err parkway_stack_ensure_key(const struct parkway_stack_opts *o, bool force_new, char *key,
+                                     size_t keycap, char *err, size_t errcap)
 {
     redisContext *c = connect_redis(o, err, errcap);
     if (!c)
@@ -237,7 +245,7 @@ enum pw_err parkway_stack_ensure_key(const struct parkway_stack_opts *o, bool fo
     redisReply *r = NULL;
     uint8_t *packed = NULL;
 
-    if (!force_new && read_saved_key(o, key, keycap)) {
+    if (!force_new && read_saved(o, "OPENAI_API_KEY", key, keycap)) {
         pw_apikey_hash(key, strlen(key), hash);
         pw_hex_encode(hash, sizeof hash, hex);
         const char *argv[] = {"HEXISTS", PW_KEY_KEYS, hex};
@@ -293,7 +301,7 @@ out:
 }
 
 enum pw_err parkway_stack_write_env(const struct parkway_stack_opts *o, const char *key,
-                                    char *err, size_t errcap)
+                                    const char *admin_key, char *err, size_t errcap)
 {
     char path[PATH_MAX], tmp[PATH_MAX + 8];
     snprintf(path, sizeof path, "%s/env", o->state_dir);
@@ -307,9 +315,10 @@ enum pw_err parkway_stack_write_env(const struct parkway_stack_opts *o, const ch
         snprintf(err, errcap, "cannot write %s: %s", tmp, strerror(errno));
         return PW_ERR_IO;
     }
-    fprintf(f, "OPENAI_BASE_URL=http://127.0.0.1:%d/v1\nOPENAI_API_KEY=%s\n"
-               "PARKWAY_REDIS_URL=redis://127.0.0.1:%d\n",
-            o->router_port, key, o->redis_port);
+    fprintf(f,
+            "OPENAI_BASE_URL=http://127.0.0.1:%d/v1\nOPENAI_API_KEY=%s\n"
+            "PARKWAY_REDIS_URL=redis://127.0.0.1:%d\nPARKWAY_ADMIN_KEY=%s\n",
+            o->router_port, key, o->redis_port, admin_key);
     if (fclose(f) != 0 || rename(tmp, path) != 0) {
         snprintf(err, errcap, "cannot write %s: %s", path, strerror(errno));
         unlink(tmp);

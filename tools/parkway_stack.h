@@ -32,8 +32,8 @@ enum pw_err parkway_stack_write_redis_conf(const struct parkway_stack_opts *o, c
                                            size_t pathcap, char *err, size_t errcap);
 
 /* Waits until the stack's Redis answers PING, at most timeout_ms. */
-enum pw_err parkway_stack_wait_redis(const struct parkway_stack_opts *o, int timeout_ms,
-                                     char *err, size_t errcap);
+enum pw_err parkway_stack_wait_redis(const struct parkway_stack_opts *o, int timeout_ms, char *err,
+                                     size_t errcap);
 
 /* HSETs every spec's canonical JSON into pw:functions and drops functions no longer there. */
 enum pw_err parkway_stack_register_functions(const struct parkway_stack_opts *o,
@@ -44,11 +44,15 @@ enum pw_err parkway_stack_register_functions(const struct parkway_stack_opts *o,
  * The stack's API key: reuses the one in state_dir/env when its hash is still in pw:keys
  * (unless force_new), else makes a new one and stores only its SHA-256 and KeyRecord.
  */
-enum pw_err parkway_stack_ensure_key(const struct parkway_stack_opts *o, bool force_new,
-                                     char *key, size_t keycap, char *err, size_t errcap);
+enum pw_err parkway_stack_ensure_key(const struct parkway_stack_opts *o, bool force_new, char *key,
+                                     size_t keycap, char *err, size_t errcap);
 
-/* Writes state_dir/env (mode 0600): OPENAI_BASE_URL, OPENAI_API_KEY, PARKWAY_REDIS_URL. */
+/* The admin key guarding the router's /metrics: the saved one, or a new one. */
+enum pw_err parkway_stack_admin_key(const struct parkway_stack_opts *o, char *key, size_t cap);
+
+/* Writes state_dir/env (mode 0600): OPENAI_BASE_URL, OPENAI_API_KEY, PARKWAY_REDIS_URL,
+ * PARKWAY_ADMIN_KEY. */
 enum pw_err parkway_stack_write_env(const struct parkway_stack_opts *o, const char *key,
-                                    char *err, size_t errcap);
+                                    const char *admin_key, char *err, size_t errcap);
 
 #endif

@@ -180,7 +180,7 @@ int parkway_cmd_up(int argc, char **argv)
 
     char err[512] = "";
     struct pw_spec_set specs = {0};
-    char key[128] = "";
+    char key[128] = "", admin_key[128] = "";
     int rc = 1;
 
     /* Bad specs are the user's input: report them before anything starts. */
@@ -225,6 +225,12 @@ int parkway_cmd_up(int argc, char **argv)
     e = parkway_stack_ensure_key(&up.opts, new_key, key, sizeof key, err, sizeof err);
     if (e)
         goto fail;
+    if ((e = parkway_stack_admin_key(&up.opts, admin_key, sizeof admin_key))) {
+        snprintf(err, sizeof err, "cannot make an admin key");
+        goto fail;
+    }
+    /* The router reads it from its environment, never from its command line (ps shows that). */
+    setenv("PARKWAY_ADMIN_KEY", admin_key, 1);
 
     /* The router and scaler join the stack as their issues land; say what runs. */
     const char *exe_dir = parkway_exe_dir();
@@ -257,7 +263,7 @@ int parkway_cmd_up(int argc, char **argv)
         }
     }
 
-    e = parkway_stack_write_env(&up.opts, key, err, sizeof err);
+    e = parkway_stack_write_env(&up.opts, key, admin_key, err, sizeof err);
     if (e)
         goto fail;
 
