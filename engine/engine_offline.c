@@ -50,7 +50,8 @@ int engine_offline_run(struct engine *e)
     enum pw_err pe = engine_load(e, &cb, err, sizeof err);
     if (pe) {
         fprintf(stderr, "parkway-engine: %s\n", err);
-        rc = pw_err_exit_code(pe);
+        /* A model file that cannot be opened is the user's input, like a corrupt one. */
+        rc = pe == PW_ERR_IO ? 2 : pw_err_exit_code(pe);
         goto out;
     }
     const struct engine_opts *o = &e->opts;

@@ -298,9 +298,12 @@ static void finish(struct engine_sched *s, struct slot *sl, enum engine_finish r
 static void take_emit(struct engine_sched *s, const struct engine_stop_emit *em, size_t *n)
 {
     PW_ASSERT(*n + em->held_len + em->text_len <= s->text_cap);
-    memcpy(s->text + *n, em->held, em->held_len);
+    /* memcpy's pointers must be valid even for zero bytes, and empty slices may be NULL. */
+    if (em->held_len)
+        memcpy(s->text + *n, em->held, em->held_len);
     *n += em->held_len;
-    memcpy(s->text + *n, em->text, em->text_len);
+    if (em->text_len)
+        memcpy(s->text + *n, em->text, em->text_len);
     *n += em->text_len;
 }
 

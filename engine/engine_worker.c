@@ -7,7 +7,9 @@
  *      in-flight entries (min-idle 0, JUSTID) so their idle time stays low;
  *   2. claim entries whose idle time passed PW_WORKER_STALE_MS: their worker stopped
  *      heartbeating (XAUTOCLAIM); they run again with attempt = deliveries - 1;
- *   3. with free slots and not draining: XREADGROUP (blocking up to 1 s only when idle);
+ *   3. with free slots and not draining: XREADGROUP on the interactive stream pw:{fn}:q;
+ *      only when it has nothing, on the batch lane pw:{fn}:b, leaving one slot free for
+ *      interactive work (when max_batch > 1); blocking up to 1 s on both only when idle;
  *   4. check cancel flags (pw:cancel:{id}) and deadlines of what runs;
  *   5. one scheduler step; its callbacks queue ReplyChunks (XADD to each reply_to);
  *   6. flush the pipeline; XACK each request after its last chunk is written.
@@ -57,6 +59,7 @@ struct worker_req {
     struct worker *w;
     Parkway__InferenceRequest *msg; /* owned */
     char entry_id[PW_STREAM_ID_MAX];
+    const char *stream; /* borrowed from the worker: key_q or key_b, where the entry lives */
     uint32_t attempt;
     uint32_t seq;    /* next ReplyChunk seq */
     int32_t *prompt; /* owned, n_prompt tokens */
@@ -76,7 +79,7 @@ struct worker {
     redisContext *rc;
     struct pw_spec *spec;
     char fn[PW_KEY_NAME_MAX + 1];
-    char key_q[PW_KEY_MAX], key_workers[PW_KEY_MAX];
+    char key_q[PW_KEY_MAX], key_b[PW_KEY_MAX], key_workers[PW_KEY_MAX];
     char worker_id[PW_KEY_NAME_MAX + 1];
     struct worker_req *reqs;    /* in flight, newest first */
     uint32_t n_pending_replies; /* pipelined commands whose replies are not read yet */
@@ -160,16 +163,16 @@ static void send_chunk(struct worker_req *q, Parkway__ReplyChunk *c)
     free(buf);
 }
 
-static void ack(struct worker *w, const char *entry_id)
+static void ack(struct worker *w, const char *stream, const char *entry_id)
 {
-    const char *argv[] = {"XACK", w->key_q, PW_GROUP_ENGINES, entry_id};
+    const char *argv[] = {"XACK", stream, PW_GROUP_ENGINES, entry_id};
     append_argv(w, 4, argv, NULL);
 }
 
 /* A request that ends before generating: one error chunk (if it can be addressed), then ack. */
 static void reply_error(struct worker *w, const Parkway__InferenceRequest *msg, uint32_t attempt,
-                        const char *entry_id, const char *code, const char *message,
-                        uint32_t status)
+                        const char *stream, const char *entry_id, const char *code,
+                        const char *message, uint32_t status)
 {
     if (msg && msg->reply_to && msg->reply_to[0] && msg->id && msg->id[0]) {
         Parkway__Error err = PARKWAY__ERROR__INIT;
@@ -196,7 +199,7 @@ static void reply_error(struct worker *w, const Parkway__InferenceRequest *msg, 
         }
     }
     PW_LOG_WARN("event=request_failed request=%s code=%s", msg && msg->id ? msg->id : "?", code);
-    ack(w, entry_id);
+    ack(w, stream, entry_id);
 }
 
 static void fill_logprobs(struct worker *w, const struct engine_token_event *ev,
@@ -303,7 +306,8 @@ static void on_finish(void *ud, uint64_t seq_id, enum engine_finish reason, cons
     char *t = malloc(len + 1);
     if (!t)
         return;
-    memcpy(t, text, len);
+    if (len)
+        memcpy(t, text, len); /* text is NULL when a choice ends on a stop or a cancel */
     t[len] = '\0';
     c.text = t;
     c.finish_reason = finish_reason(reason);
@@ -327,7 +331,7 @@ static void on_finish(void *ud, uint64_t seq_id, enum engine_finish reason, cons
     send_chunk(q, &c);
     free(t);
     if (q->done) {
-        ack(q->w, q->entry_id);
+        ack(q->w, q->stream, q->entry_id);
         q->w->requests_done++;
         PW_LOG_INFO("event=request_done request=%s attempt=%u prompt_tokens=%u "
                     "completion_tokens=%u cached_tokens=%u finish=%s",
@@ -474,33 +478,34 @@ static void submit_choices(struct worker *w, struct worker_req *q)
             send_chunk(q, &c);
             if (c.done) {
                 q->done = true;
-                ack(w, q->entry_id);
+                ack(w, q->stream, q->entry_id);
             }
         }
     }
 }
 
 /* Takes one stream entry: decode, validate, tokenize, queue its choices. */
-static void take_entry(struct worker *w, const struct pw_stream_entry *en, uint32_t attempt_floor)
+static void take_entry(struct worker *w, const char *stream, const struct pw_stream_entry *en,
+                       uint32_t attempt_floor)
 {
     const struct pw_slice *v = pw_stream_entry_get(en, PW_STREAM_FIELD);
     Parkway__InferenceRequest *msg = NULL;
     char msgbuf[512];
     if (!v || pw_proto_unpack_request(v->ptr, v->len, 0, &msg) != PW_OK) {
         PW_LOG_ERROR("event=bad_request_entry entry=%s", en->id);
-        ack(w, en->id); /* nothing to reply to: drop it, or it would be retried forever */
+        ack(w, stream, en->id); /* nothing to reply to: drop it, or it would be retried forever */
         return;
     }
     uint32_t attempt = msg->attempt > attempt_floor ? msg->attempt : attempt_floor;
     if (strcmp(msg->function, w->fn) != 0) {
         snprintf(msgbuf, sizeof msgbuf, "this engine serves %s, not %s", w->fn, msg->function);
-        reply_error(w, msg, attempt, en->id, "invalid_request_error", msgbuf, 400);
+        reply_error(w, msg, attempt, stream, en->id, "invalid_request_error", msgbuf, 400);
         pw_proto_free_request(msg);
         return;
     }
     int64_t now = pw_clock_wall_ms();
     if (msg->deadline_unix_ms && now > msg->deadline_unix_ms) {
-        reply_error(w, msg, attempt, en->id, "deadline_exceeded",
+        reply_error(w, msg, attempt, stream, en->id, "deadline_exceeded",
                     "the request waited in the queue past its deadline", 504);
         pw_proto_free_request(msg);
         return;
@@ -515,6 +520,7 @@ static void take_entry(struct worker *w, const struct pw_stream_entry *en, uint3
     q->attempt = attempt;
     q->picked_ms = now;
     snprintf(q->entry_id, sizeof q->entry_id, "%s", en->id);
+    q->stream = stream;
     pw_proto_sampling_resolve(msg->sampling, &q->sp);
     q->n_choices = q->sp.n ? q->sp.n : 1;
     if (q->n_choices > PW_WORKER_MAX_CHOICES)
@@ -526,7 +532,7 @@ static void take_entry(struct worker *w, const struct pw_stream_entry *en, uint3
     const char *code = build_prompt(w, q, msgbuf, sizeof msgbuf);
     if (code) {
         uint32_t status = strcmp(code, "internal_error") == 0 ? 500 : 400;
-        reply_error(w, msg, attempt, en->id, code, msgbuf, status);
+        reply_error(w, msg, attempt, stream, en->id, code, msgbuf, status);
         req_free(q);
         return;
     }
@@ -586,33 +592,45 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
         append_argv(w, 4, argv, lens);
         free(buf);
     }
-    /* Touch our in-flight entries so nobody mistakes them for a dead worker's. */
-    const char *argv[6 + 64];
-    int argc = 0;
-    argv[argc++] = "XCLAIM";
-    argv[argc++] = w->key_q;
-    argv[argc++] = PW_GROUP_ENGINES;
-    argv[argc++] = w->worker_id;
-    argv[argc++] = "0";
-    int first_id = argc;
-    for (struct worker_req *q = w->reqs; q && argc < 5 + 64; q = q->next)
-        if (!q->done)
-            argv[argc++] = q->entry_id;
-    if (argc > first_id) {
-        argv[argc++] = "JUSTID";
-        append_argv(w, argc, argv, NULL);
+    /* Touch our in-flight entries so nobody mistakes them for a dead worker's: one XCLAIM
+     * per stream they came from. */
+    const char *streams[] = {w->key_q, w->key_b};
+    for (int s = 0; s < 2; s++) {
+        const char *argv[6 + 64];
+        int argc = 0;
+        argv[argc++] = "XCLAIM";
+        argv[argc++] = streams[s];
+        argv[argc++] = PW_GROUP_ENGINES;
+        argv[argc++] = w->worker_id;
+        argv[argc++] = "0";
+        int first_id = argc;
+        for (struct worker_req *q = w->reqs; q && argc < 5 + 64; q = q->next)
+            if (!q->done && q->stream == streams[s])
+                argv[argc++] = q->entry_id;
+        if (argc > first_id) {
+            argv[argc++] = "JUSTID";
+            append_argv(w, argc, argv, NULL);
+        }
     }
 }
 
+/* Batch-lane entries this worker may take now: the free slots minus one kept for
+ * interactive work (none kept when the engine has a single slot). */
+static uint32_t batch_room(const struct worker *w, uint32_t free_slots)
+{
+    uint32_t keep = w->e->opts.max_batch > 1 ? 1 : 0;
+    return free_slots > keep ? free_slots - keep : 0;
+}
+
 /* Entries idle past PW_WORKER_STALE_MS belong to a worker that stopped heartbeating. */
-static void claim_stale(struct worker *w, uint32_t room)
+static void claim_stale(struct worker *w, const char *stream, uint32_t room)
 {
     char count[16], idle[16];
     snprintf(count, sizeof count, "%u", room);
     snprintf(idle, sizeof idle, "%u",
              w->e->opts.claim_idle_ms ? w->e->opts.claim_idle_ms : PW_WORKER_STALE_MS);
-    const char *argv[] = {"XAUTOCLAIM", w->key_q, PW_GROUP_ENGINES, w->worker_id,
-                          idle,         "0-0",    "COUNT",          count};
+    const char *argv[] = {"XAUTOCLAIM", stream, PW_GROUP_ENGINES, w->worker_id,
+                          idle,         "0-0",  "COUNT",          count};
     redisReply *r = command(w, 8, argv, NULL);
     if (!r)
         return;
@@ -620,7 +638,7 @@ static void claim_stale(struct worker *w, uint32_t room)
     if (r->type != REDIS_REPLY_ERROR && pw_stream_parse_autoclaim(r, &es) == PW_OK) {
         for (size_t i = 0; i < es->n; i++) {
             /* Deliveries so far tell the attempt: first delivery is attempt 0. */
-            const char *pa[] = {"XPENDING",  w->key_q,    PW_GROUP_ENGINES,
+            const char *pa[] = {"XPENDING",  stream,      PW_GROUP_ENGINES,
                                 es->v[i].id, es->v[i].id, "1"};
             redisReply *p = command(w, 6, pa, NULL);
             uint32_t attempt = 1;
@@ -631,18 +649,24 @@ static void claim_stale(struct worker *w, uint32_t room)
                 attempt = (uint32_t)(p->element[0]->element[3]->integer - 1);
             freeReplyObject(p);
             PW_LOG_WARN("event=claimed_stale entry=%s attempt=%u", es->v[i].id, attempt);
-            take_entry(w, &es->v[i], attempt);
+            take_entry(w, stream, &es->v[i], attempt);
         }
     }
     pw_stream_entries_free(es);
     freeReplyObject(r);
 }
 
-static void read_new(struct worker *w, uint32_t room, bool idle)
+/*
+ * XREADGROUP of new entries: from stream with COUNT room, or (block) from both streams
+ * waiting up to 1 s, COUNT 1 each (the next loop reads the rest without blocking; the
+ * batch lane only when batch_room > 0). Returns the entries taken.
+ */
+static uint32_t read_new(struct worker *w, const char *stream, uint32_t room, bool block,
+                         uint32_t batch_room_now)
 {
     char count[16];
-    snprintf(count, sizeof count, "%u", room);
-    const char *argv[11];
+    snprintf(count, sizeof count, "%u", block ? 1u : room);
+    const char *argv[13];
     int argc = 0;
     argv[argc++] = "XREADGROUP";
     argv[argc++] = "GROUP";
@@ -650,25 +674,47 @@ static void read_new(struct worker *w, uint32_t room, bool idle)
     argv[argc++] = w->worker_id;
     argv[argc++] = "COUNT";
     argv[argc++] = count;
-    if (idle) {
+    if (block) {
         argv[argc++] = "BLOCK";
         argv[argc++] = "1000";
     }
     argv[argc++] = "STREAMS";
-    argv[argc++] = w->key_q;
-    argv[argc++] = ">";
+    if (block && batch_room_now > 0) {
+        argv[argc++] = w->key_q;
+        argv[argc++] = w->key_b;
+        argv[argc++] = ">";
+        argv[argc++] = ">";
+    } else {
+        argv[argc++] = block ? w->key_q : stream;
+        argv[argc++] = ">";
+    }
     redisReply *r = command(w, argc, argv, NULL);
     if (!r)
-        return;
-    struct pw_stream_entries *es = NULL;
+        return 0;
+    uint32_t taken = 0;
     if (r->type == REDIS_REPLY_ERROR) {
         PW_LOG_ERROR("event=redis_error op=XREADGROUP reply=%s", r->str);
-    } else if (pw_stream_parse_read(r, &es) == PW_OK) {
-        for (size_t i = 0; i < es->n; i++)
-            take_entry(w, &es->v[i], 0);
+    } else if (r->type == REDIS_REPLY_ARRAY) {
+        /* One [key, entries] pair per stream that had something. */
+        for (size_t k = 0; k < r->elements; k++) {
+            const redisReply *pair = r->element[k];
+            if (pair->type != REDIS_REPLY_ARRAY || pair->elements != 2 ||
+                pair->element[0]->type != REDIS_REPLY_STRING)
+                continue;
+            const char *from = strcmp(pair->element[0]->str, w->key_b) == 0 ? w->key_b : w->key_q;
+            redisReply one = *r;
+            one.elements = 1;
+            one.element = &r->element[k];
+            struct pw_stream_entries *es = NULL;
+            if (pw_stream_parse_read(&one, &es) == PW_OK) {
+                for (size_t i = 0; i < es->n; i++, taken++)
+                    take_entry(w, from, &es->v[i], 0);
+            }
+            pw_stream_entries_free(es);
+        }
     }
-    pw_stream_entries_free(es);
     freeReplyObject(r);
+    return taken;
 }
 
 /* Cancel flags and deadlines of what runs: one pipelined EXISTS per request. */
@@ -805,6 +851,7 @@ int engine_worker_run(struct engine *e)
         snprintf(w.worker_id, sizeof w.worker_id, "%s-%d", host, (int)getpid());
     }
     pw_key_queue(w.key_q, sizeof w.key_q, w.fn);
+    pw_key_batch_lane(w.key_b, sizeof w.key_b, w.fn);
     pw_key_workers(w.key_workers, sizeof w.key_workers, w.fn);
 
     /* The spec sets the serving shape; command-line flags win. */
@@ -839,11 +886,14 @@ int engine_worker_run(struct engine *e)
         goto out;
     }
     /* Group from id 0: requests queued before the first engine existed are served. */
-    const char *g[] = {"XGROUP", "CREATE", w.key_q, PW_GROUP_ENGINES, "0", "MKSTREAM"};
-    redisReply *r = command(&w, 6, g, NULL);
-    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0)
-        PW_LOG_ERROR("event=redis_error op=XGROUP reply=%s", r->str);
-    freeReplyObject(r);
+    const char *lanes[] = {w.key_q, w.key_b};
+    for (int i = 0; i < 2; i++) {
+        const char *g[] = {"XGROUP", "CREATE", lanes[i], PW_GROUP_ENGINES, "0", "MKSTREAM"};
+        redisReply *r = command(&w, 6, g, NULL);
+        if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0)
+            PW_LOG_ERROR("event=redis_error op=XGROUP reply=%s", r->str);
+        freeReplyObject(r);
+    }
     w.started_ms = pw_clock_wall_ms();
     PW_LOG_INFO("event=worker_ready function=%s worker=%s stream=%s slots=%u", w.fn, w.worker_id,
                 w.key_q, e->opts.max_batch);
@@ -864,10 +914,20 @@ int engine_worker_run(struct engine *e)
         if (!draining && waiting == 0 && free_slots > 0) {
             if (now - last_claim >= PW_WORKER_HEARTBEAT_MS) {
                 last_claim = now;
-                claim_stale(&w, free_slots);
+                claim_stale(&w, w.key_q, free_slots);
+                if (choices_waiting(&w) == 0 && batch_room(&w, free_slots) > 0)
+                    claim_stale(&w, w.key_b, batch_room(&w, free_slots));
             }
-            if (choices_waiting(&w) == 0)
-                read_new(&w, free_slots, engine_sched_active(e->sched) == 0);
+            /* Interactive first; the batch lane only with what it leaves; block only when
+             * idle and both are empty. */
+            if (choices_waiting(&w) == 0) {
+                uint32_t broom = batch_room(&w, free_slots);
+                uint32_t got = read_new(&w, w.key_q, free_slots, false, 0);
+                if (got == 0 && broom > 0)
+                    got = read_new(&w, w.key_b, broom, false, 0);
+                if (got == 0 && engine_sched_active(e->sched) == 0)
+                    read_new(&w, w.key_q, free_slots, true, broom);
+            }
         }
         for (struct worker_req *q = w.reqs; q; q = q->next)
             if (!q->done)

@@ -58,7 +58,8 @@ enum kernel_cap {
  * Precision of the activations in quantized matmuls. Each row of x is quantized per
  * 32-element block to integers with a per-block scale, then multiplied against the
  * quantized weights with exact integer dot products:
- *   Q16: 16 bits, d = amax / 32767. Error per element <= amax / 65534; the default.
+ *   Q16: 16 bits, d = amax / 32639 (|q| <= 127 * 256 + 127: the CPU backend keeps q as
+ *        two signed bytes). Error per element <= amax / 65278; the default.
  *   Q8:  8 bits, d = amax / 127. About 1.2-1.6x faster, but a block holding an outlier
  *        (real models have activations thousands of times their block's median) loses
  *        the rest of the block, which changes greedy answers on SmolLM2.
@@ -164,7 +165,7 @@ struct kernel_ops {
     /*
      * For each of n_mm products (all with the same n_in): y = x w^T or y += x w^T.
      * Quantized weights: x is quantized per 32-element block to 16 bits (scale
-     * amax/32767) or, with KERNEL_ACT_Q8, to 8 bits (scale amax/127), and the dot products
+     * amax/32639) or, with KERNEL_ACT_Q8, to 8 bits (scale amax/127), and the dot products
      * are integer; float weights: float dot products. y must not overlap x.
      * Batch invariance: row t of y depends only on row t of x and the weights, bit for
      * bit: not on n_tok, on t, on the other rows, or on the thread count.
@@ -231,7 +232,8 @@ struct kernel_cpu_opts {
  * Creates the CPU backend. The SIMD level is the best the CPU supports, or
  * PW_KERNEL_ISA=scalar|avx2|avx512 from the environment (a level the CPU lacks fails with
  * UNSUPPORTED). opts->act KERNEL_ACT_DEFAULT reads PW_KERNEL_ACT=q8|q16 (other values fail
- * with CONFIG), else uses Q16. Destroy with be->ops->destroy(be).
+ * with CONFIG), else uses Q16; an act outside the enum fails with INVAL. opts NULL means
+ * all defaults. Destroy with be->ops->destroy(be).
  */
 enum pw_err kernel_cpu_create_opts(const struct kernel_cpu_opts *opts, struct kernel_backend **out);
 

@@ -12,7 +12,10 @@
 #include <unistd.h>
 
 #include "pw_log.h"
+#include "pw_storage.h"
 #include "router.h"
+#include "router_batch.h"
+#include "router_files.h"
 
 static struct router_http_server *g_http;
 
@@ -27,17 +30,25 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: parkway-router --redis URL [options]\n"
-            "  --redis URL            redis://host:port[/db] or unix:///path (required)\n"
+            "  --redis URL            redis://host:port[/db] or unix:///path\n"
+            "                         (default $PARKWAY_REDIS_URL; one of them is required)\n"
             "  --listen ADDR          bind address (default 127.0.0.1)\n"
             "  --port N               port (default 8080)\n"
             "  --threads N            event-loop threads (default: one per CPU)\n"
             "  --router-id ID         names this router's reply stream (default host-pid)\n"
             "  --admin-key KEY        Bearer key for /metrics (default $PARKWAY_ADMIN_KEY)\n"
             "  --tls-cert FILE --tls-key FILE   serve HTTPS (TLS 1.2 or newer)\n"
-            "  --request-timeout-ms N deadline of a request, queue included (default 600000)\n"
+            "  --request-timeout-ms N deadline of a request, queue included (default 600000);\n"
+            "                         also the cap of a request's x-parkway-timeout-ms header\n"
+            "  --key-cache-ms N       how long an API-key lookup is trusted (default 5000);\n"
+            "                         a revoke (pw:keys:revoked) clears it at once\n"
             "  --max-body-bytes N     (default 8388608)   --max-header-bytes N (default 16384)\n"
             "  --max-connections N    (default 10000)     --idle-timeout-ms N (default 60000)\n"
-            "  --header-timeout-ms N  (default 10000)\n");
+            "  --header-timeout-ms N  (default 10000)\n"
+            "  --storage-dir DIR      Files API and batch outputs (default\n"
+            "                         $PARKWAY_STATE_DIR/files or ~/.local/state/parkway/files)\n"
+            "  --max-file-bytes N     largest upload to /v1/files (default 209715200); uploads\n"
+            "                         are also bounded by --max-body-bytes\n");
 }
 
 static int parse_num(const char *name, const char *s, unsigned long long max,
@@ -82,6 +93,9 @@ int main(int argc, char **argv)
         O_CONNS,
         O_IDLE,
         O_HDR_TIMEOUT,
+        O_KEY_CACHE,
+        O_STORAGE,
+        O_MAX_FILE,
         O_HELP,
     };
     static const struct option longopts[] = {
@@ -99,11 +113,14 @@ int main(int argc, char **argv)
         {"max-connections", required_argument, NULL, O_CONNS},
         {"idle-timeout-ms", required_argument, NULL, O_IDLE},
         {"header-timeout-ms", required_argument, NULL, O_HDR_TIMEOUT},
+        {"key-cache-ms", required_argument, NULL, O_KEY_CACHE},
+        {"storage-dir", required_argument, NULL, O_STORAGE},
+        {"max-file-bytes", required_argument, NULL, O_MAX_FILE},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
     int opt, bad = 0;
-    unsigned long long v;
+    unsigned long long v = 0; /* read only after parse_num succeeded */
     while ((opt = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (opt) {
         case O_REDIS:
@@ -156,6 +173,17 @@ int main(int argc, char **argv)
             bad |= parse_num("header-timeout-ms", optarg, 86400000, &v);
             cfg->http.header_timeout_ms = (uint32_t)v;
             break;
+        case O_KEY_CACHE:
+            bad |= parse_num("key-cache-ms", optarg, 3600000, &v);
+            cfg->key_cache_ms = (uint32_t)v;
+            break;
+        case O_STORAGE:
+            cfg->storage_dir = optarg;
+            break;
+        case O_MAX_FILE:
+            bad |= parse_num("max-file-bytes", optarg, 1ull << 40, &v);
+            cfg->max_file_bytes = (size_t)v;
+            break;
         case O_HELP:
             usage(stdout);
             return 0;
@@ -166,6 +194,10 @@ int main(int argc, char **argv)
     }
     if (bad)
         return 2;
+    if (!cfg->redis_url) {
+        const char *env = getenv("PARKWAY_REDIS_URL");
+        cfg->redis_url = env && *env ? env : NULL;
+    }
     if (!cfg->redis_url || optind < argc) {
         usage(stderr);
         return 2;
@@ -199,6 +231,25 @@ int main(int argc, char **argv)
         router_http_server_destroy(rt.http);
         return pw_err_exit_code(e);
     }
+    /* Files and Batches: storage for the bytes, and the coordinator that runs batches. */
+    char storage_dir[4096];
+    if (!cfg->storage_dir) {
+        const char *state = getenv("PARKWAY_STATE_DIR"), *home = getenv("HOME");
+        if (state && *state)
+            snprintf(storage_dir, sizeof storage_dir, "%s/files", state);
+        else
+            snprintf(storage_dir, sizeof storage_dir, "%s/.local/state/parkway/files",
+                     home && *home ? home : ".");
+        cfg->storage_dir = storage_dir;
+    }
+    if ((e = pw_storage_open(cfg->storage_dir, &rt.storage, err, sizeof err)) ||
+        (e = router_batch_coord_start(&rt, &rt.batch, err, sizeof err))) {
+        fprintf(stderr, "parkway-router: %s\n", err[0] ? err : pw_err_desc(e));
+        router_stop(&rt);
+        router_http_server_destroy(rt.http);
+        pw_storage_destroy(rt.storage);
+        return pw_err_exit_code(e);
+    }
     g_http = rt.http;
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
@@ -209,7 +260,9 @@ int main(int argc, char **argv)
                 cfg->http.tls_cert_file != NULL);
     e = router_http_server_run(rt.http);
     g_http = NULL;
+    router_batch_coord_stop(rt.batch);
     router_stop(&rt);
+    pw_storage_destroy(rt.storage);
     router_http_server_destroy(rt.http);
     PW_LOG_INFO("event=router_stopped");
     return e ? 1 : 0;

@@ -24,6 +24,8 @@
 
 struct pw_metrics;
 struct pw_metric;
+struct pw_storage;
+struct router_batch_coord;
 struct pw_redis;
 struct router_call;
 
@@ -34,6 +36,8 @@ struct router_config {
     const char *admin_key;       /* guards /metrics; NULL = /metrics refused */
     uint32_t request_timeout_ms; /* deadline of a call (and of its queued request) */
     uint32_t key_cache_ms;       /* how long an API-key lookup is trusted */
+    const char *storage_dir;     /* Files API and batch outputs (pw_storage: dir or URL) */
+    size_t max_file_bytes;       /* largest upload to /v1/files (also bounded by max_body) */
     struct router_http_config http;
 };
 
@@ -89,6 +93,9 @@ struct router {
     struct pw_metric *m_inflight;  /* gauge {} */
     struct pw_metric *m_bytes_in;  /* counter {} request body bytes */
     struct pw_metric *m_bytes_out; /* counter {} response bytes */
+
+    struct pw_storage *storage;       /* owned: file bytes (router_files, router_batch) */
+    struct router_batch_coord *batch; /* owned: the batch coordinator thread */
 };
 
 /* Sets up workers, metrics and the reply thread; http must be created. */

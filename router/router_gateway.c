@@ -27,6 +27,7 @@
 #include "pw_proto.h"
 #include "pw_redis.h"
 #include "router.h"
+#include "router_batch.h"
 #include "router_openai.h"
 #include "router_sse.h"
 
@@ -34,6 +35,8 @@
 #define CANCEL_TTL_S "600" /* pw:cancel:{id} lives this long */
 #define REVOKE_CHANNEL "pw:keys:revoked"
 #define FUNCTIONS_REFRESH_MS 2000
+#define DEADLINE_HEADER "x-parkway-timeout-ms" /* a request's own deadline, ms from now */
+#define DEADLINE_HEADER_MAX_MS 86400000u
 
 enum route {
     ROUTE_NONE = 0,
@@ -41,6 +44,7 @@ enum route {
     ROUTE_COMPLETIONS,
     ROUTE_MODELS,
     ROUTE_MODEL,
+    ROUTE_BATCH_API, /* /v1/files*, /v1/batches*: handed to router_batch */
 };
 
 struct router_call {
@@ -65,7 +69,8 @@ struct router_call {
     uint64_t deadline_ms;   /* mono */
     uint64_t last_write_ms; /* mono, for SSE keep-alives */
     bool queue_observed;
-    bool stream_started; /* SSE headers sent */
+    bool stream_started;       /* SSE headers sent */
+    struct event *deadline_ev; /* owned; fires at deadline_ms once queued */
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */
@@ -92,6 +97,8 @@ static void call_unref(struct router_call *c)
 {
     if (--c->refs > 0)
         return;
+    if (c->deadline_ev)
+        event_free(c->deadline_ev);
     for (size_t i = 0; i < c->key.n_allowed; i++)
         free(c->key.allowed[i]);
     free(c->key.allowed);
@@ -152,11 +159,16 @@ static struct router_call *table_find(struct router_worker *w, const char *id)
     return NULL;
 }
 
+static bool function_known(const struct router_worker *w, const char *name);
+
 static void count_request(struct router_call *c, int status)
 {
     char s[8];
     snprintf(s, sizeof s, "%d", status);
-    const char *labels[] = {c->route_label, s, c->model[0] ? c->model : ""};
+    /* Only registered names become label values: c->model may come straight from the URL
+     * (/v1/models/{id}, before auth), and every new value is a new series. */
+    const char *fn = c->model[0] && function_known(c->w, c->model) ? c->model : "";
+    const char *labels[] = {c->route_label, s, fn};
     pw_metric_counter_add(c->w->rt->m_requests, labels, 1);
 }
 
@@ -373,8 +385,19 @@ static bool authenticate(struct router_call *c)
         finish_error(c, &e);
         return false;
     }
+    /* Every key is made by pw_apikey_generate: anything else is refused without a Redis
+     * round trip, so junk credentials cannot load the key store. */
+    if (!pw_apikey_format_ok(key, key_len)) {
+        router_openai_err_bad_key(&e);
+        finish_error(c, &e);
+        return false;
+    }
     uint8_t hash[PW_APIKEY_HASH_LEN];
-    pw_apikey_hash(key, key_len, hash);
+    if (pw_apikey_hash(key, key_len, hash) != PW_OK) {
+        router_openai_err_internal(&e);
+        finish_error(c, &e);
+        return false;
+    }
     pw_hex_encode(hash, sizeof hash, c->key.hash_hex);
     struct router_key *k = key_slot(c->w, c->key.hash_hex);
     if (k->hash_hex[0] && pw_ct_equal(k->hash_hex, c->key.hash_hex, PW_APIKEY_HASH_HEX_LEN) &&
@@ -420,6 +443,8 @@ static void on_enqueued(struct pw_redis *r, const redisReply *reply, enum pw_err
     call_unref(c);
 }
 
+static void on_deadline(evutil_socket_t fd, short what, void *arg);
+
 static void enqueue(struct router_call *c)
 {
     struct router_worker *w = c->w;
@@ -443,6 +468,14 @@ static void enqueue(struct router_call *c)
         return;
     }
     table_add(c);
+    if (c->deadline_ms) {
+        uint64_t now = pw_clock_mono_ms();
+        uint64_t left = c->deadline_ms > now ? c->deadline_ms - now : 0;
+        struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
+        c->deadline_ev = evtimer_new(w->base, on_deadline, c);
+        if (c->deadline_ev)
+            evtimer_add(c->deadline_ev, &tv);
+    }
     for (size_t i = 0; i < c->n_parts; i++) {
         uint8_t buf[64 * 1024], *heap = NULL, *data = buf;
         size_t len = 0;
@@ -477,8 +510,9 @@ static void enqueue(struct router_call *c)
         c->stream_started = true;
         c->last_write_ms = pw_clock_mono_ms();
     }
-    PW_LOG_INFO("event=request_queued request=%s function=%s key_id=%s parts=%zu stream=%d", c->id,
-                c->model, c->key.key_id, c->n_parts, c->stream);
+    PW_LOG_INFO("event=request_queued request=%s x_request_id=%s function=%s key_id=%s parts=%zu "
+                "stream=%d",
+                c->id, c->req->request_id, c->model, c->key.key_id, c->n_parts, c->stream);
 }
 
 static void parse_and_enqueue(struct router_call *c)
@@ -496,6 +530,24 @@ static void parse_and_enqueue(struct router_call *c)
         .model_check = model_check,
         .model_check_arg = c,
     };
+    /* The client's own deadline, in ms from now; --request-timeout-ms caps it. */
+    const char *dh = router_http_request_header(c->req, DEADLINE_HEADER);
+    if (dh) {
+        char *end;
+        unsigned long long v = strtoull(dh, &end, 10);
+        if (end == dh || *end || dh[0] == '-' || v == 0 || v > DEADLINE_HEADER_MAX_MS) {
+            router_openai_err_param(&e, DEADLINE_HEADER, "invalid_value",
+                                    "The header %s must be an integer number of milliseconds "
+                                    "1..%llu.",
+                                    DEADLINE_HEADER, (unsigned long long)DEADLINE_HEADER_MAX_MS);
+            finish_error(c, &e);
+            return;
+        }
+        ctx.deadline_ms = (int64_t)v;
+        uint64_t cap = c->w->rt->cfg.request_timeout_ms;
+        uint64_t d = cap && v > cap ? cap : v;
+        c->deadline_ms = pw_clock_mono_ms() + d;
+    }
     if (getrandom(&ctx.seed, sizeof ctx.seed, 0) != sizeof ctx.seed)
         ctx.seed = pw_clock_mono_ns();
     enum pw_err pe;
@@ -555,16 +607,25 @@ static void limit_then_enqueue(struct router_call *c)
         parse_and_enqueue(c);
         return;
     }
+    /* A record without a key id still gets a counter of its own, never a shared "{}". */
+    char id[PW_APIKEY_ID_LEN + 8];
+    if (c->key.key_id[0])
+        snprintf(id, sizeof id, "%s", c->key.key_id);
+    else
+        snprintf(id, sizeof id, "key_%.8s", c->key.hash_hex);
     char key[PW_KEY_MAX + 32];
-    snprintf(key, sizeof key, "pw:rl:{%s}:%" PRId64, c->key.key_id, pw_clock_wall_ms() / 60000);
-    pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", key, "120", NULL);
+    snprintf(key, sizeof key, "pw:rl:{%s}:%" PRId64, id, pw_clock_wall_ms() / 60000);
     c->refs++;
     if (pw_redis_command(c->w->redis, on_rate_count, c, "INCR", key, NULL) != PW_OK) {
         c->refs--;
         struct router_openai_error e;
         router_openai_err_unavailable(&e, "the rate limiter (Redis) is unavailable", 1);
         finish_error(c, &e);
+        return;
     }
+    /* After the INCR, on the same connection, so it always finds the key: an EXPIRE sent
+     * first is a no-op on the minute's first request, and that counter then lives forever. */
+    pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", key, "120", NULL);
 }
 
 static void list_models(struct router_call *c)
@@ -613,6 +674,13 @@ static void continue_call(struct router_call *c)
         finish_error(c, &e);
         return;
     }
+    if (c->route == ROUTE_BATCH_API) {
+        /* router_batch answers (and checks the method) itself; the call ends here. */
+        router_http_request_set_cancel(c->req, NULL, NULL);
+        router_batch_api_handle(c->w, c->req, &c->key);
+        call_end(c);
+        return;
+    }
     if (c->route == ROUTE_MODELS || c->route == ROUTE_MODEL)
         list_models(c);
     else
@@ -622,6 +690,7 @@ static void continue_call(struct router_call *c)
 /* ---- replies (on the worker thread, posted by the reply thread) --------------------- */
 
 struct posted_chunk {
+    struct router *rt; /* outlives the HTTP server, unlike the workers */
     struct router_worker *w;
     size_t len;
     uint8_t data[];
@@ -660,7 +729,9 @@ static void deliver_chunk(void *arg)
 {
     struct posted_chunk *pc = arg;
     Parkway__ReplyChunk *ch = NULL;
-    if (pw_proto_unpack_reply(pc->data, pc->len, 0, &ch) != PW_OK) {
+    /* router_http_server_destroy runs tasks still queued after router_stop freed the
+     * workers: such a chunk has no call to go to. */
+    if (!pc->rt->workers || pw_proto_unpack_reply(pc->data, pc->len, 0, &ch) != PW_OK) {
         free(pc);
         return;
     }
@@ -730,6 +801,18 @@ static void *reply_thread(void *arg)
             backoff = 100;
             struct timeval tv = {3, 0}; /* above the 1 s BLOCK */
             redisSetTimeout(rc, tv);
+            /* XREAD with "$" means "after the newest entry at the time of this call": a reply
+             * XADDed between two calls would be lost. Read from a concrete id instead, the
+             * newest entry now (or the start of an empty stream). */
+            if (strcmp(last_id, "$") == 0) {
+                const char *q[] = {"XREVRANGE", rt->reply_key, "+", "-", "COUNT", "1"};
+                redisReply *r = redisCommandArgv(rc, 6, q, NULL);
+                struct pw_stream_entries *es = NULL;
+                if (r && r->type == REDIS_REPLY_ARRAY && pw_stream_parse_range(r, &es) == PW_OK)
+                    snprintf(last_id, sizeof last_id, "%s", es->n ? es->v[0].id : "0-0");
+                pw_stream_entries_free(es);
+                freeReplyObject(r);
+            }
         }
         const char *argv[] = {"XREAD", "COUNT",   "512",         "BLOCK",
                               "1000",  "STREAMS", rt->reply_key, last_id};
@@ -761,6 +844,7 @@ static void *reply_thread(void *arg)
                 struct posted_chunk *pc = malloc(sizeof *pc + v->len);
                 if (!pc)
                     continue;
+                pc->rt = rt;
                 pc->w = &rt->workers[widx];
                 pc->len = v->len;
                 memcpy(pc->data, v->ptr, v->len);
@@ -783,6 +867,24 @@ static void *reply_thread(void *arg)
 
 /* ---- ticks: deadlines, keep-alives, snapshots --------------------------------------- */
 
+static void call_deadline(struct router_call *c)
+{
+    PW_LOG_WARN("event=deadline request=%s", c->id);
+    struct router_openai_error e;
+    router_openai_err_deadline(&e);
+    set_cancel_flags(c);
+    finish_error(c, &e);
+}
+
+/* The call's own timer: a deadline is met to the millisecond, not at the next 1 s tick
+ * (which stays as a backstop). The timer holds no reference: call_unref frees it. */
+static void on_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct router_call *c = arg;
+    if (c->req)
+        call_deadline(c);
+}
+
 static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct router_worker *w = arg;
@@ -794,12 +896,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         struct router_call *c = w->calls[b];
         while (c) {
             struct router_call *next = c->next;
-            if (c->req && c->deadline_ms && now > c->deadline_ms) {
-                PW_LOG_WARN("event=deadline request=%s", c->id);
-                struct router_openai_error e;
-                router_openai_err_deadline(&e);
-                set_cancel_flags(c);
-                finish_error(c, &e);
+            if (c->req && c->deadline_ms && now >= c->deadline_ms) {
+                call_deadline(c);
             } else if (c->req && c->stream && now - c->last_write_ms >= KEEPALIVE_MS) {
                 struct router_sse_buf buf;
                 router_sse_buf_init(&buf);
@@ -846,7 +944,9 @@ void router_handle(struct router_http_request *req, void *ud)
 {
     struct router *rt = ud;
     struct router_worker *w = &rt->workers[req->worker];
-    bool get = strcmp(req->method, "GET") == 0, post = strcmp(req->method, "POST") == 0;
+    /* HEAD is GET without the body (the HTTP layer leaves the body out). */
+    bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+    bool post = strcmp(req->method, "POST") == 0;
     pw_metric_counter_add(rt->m_bytes_in, NULL, (double)req->body_len);
 
     if (path_is(req, "/healthz") && get) {
@@ -868,6 +968,11 @@ void router_handle(struct router_http_request *req, void *ud)
     }
     if (path_is(req, "/metrics") && get) {
         handle_metrics(rt, req);
+        return;
+    }
+    if (!get && (path_is(req, "/healthz") || path_is(req, "/readyz") || path_is(req, "/metrics"))) {
+        router_http_respond_error(req, 405, "invalid_request_error", "method_not_allowed",
+                                  "Only GET and HEAD are allowed here.");
         return;
     }
 
@@ -906,6 +1011,9 @@ void router_handle(struct router_http_request *req, void *ud)
         size_t n = req->path_len - (sizeof models_prefix - 1);
         memcpy(c->model, req->path + sizeof models_prefix - 1, n);
         c->model[n] = '\0';
+    } else if (router_batch_api_route(req)) {
+        c->route = ROUTE_BATCH_API;
+        c->route_label = req->path[4] == 'f' ? "/v1/files" : "/v1/batches";
     } else {
         c->route_label = "other";
         router_openai_err_unknown_route(&e, req->method, req->path);
@@ -913,7 +1021,7 @@ void router_handle(struct router_http_request *req, void *ud)
         return;
     }
     bool want_post = c->route == ROUTE_CHAT || c->route == ROUTE_COMPLETIONS;
-    if ((want_post && !post) || (!want_post && !get)) {
+    if (c->route != ROUTE_BATCH_API && ((want_post && !post) || (!want_post && !get))) {
         router_openai_err_method(&e, req->method, req->path);
         finish_error(c, &e);
         return;
@@ -925,6 +1033,24 @@ void router_handle(struct router_http_request *req, void *ud)
     }
     if (authenticate(c))
         continue_call(c);
+}
+
+/* Frees the workers and their Redis clients; leaves rt->workers NULL. */
+static void workers_free(struct router *rt)
+{
+    for (unsigned i = 0; rt->workers && i < rt->n_workers; i++) {
+        struct router_worker *w = &rt->workers[i];
+        if (w->tick)
+            event_free(w->tick);
+        pw_redis_destroy(w->redis);
+        for (size_t k = 0; k < w->n_functions; k++)
+            free(w->functions[k]);
+        free(w->functions);
+        for (size_t k = 0; k < ROUTER_KEY_CACHE; k++)
+            key_clear(&w->keys[k]);
+    }
+    free(rt->workers);
+    rt->workers = NULL;
 }
 
 enum pw_err router_start(struct router *rt, char *err, size_t errcap)
@@ -975,37 +1101,35 @@ enum pw_err router_start(struct router *rt, char *err, size_t errcap)
         w->base = router_http_server_base(rt->http, i);
         struct pw_redis_opts ro = {.name = "router"};
         if ((e = pw_redis_create(w->base, rt->cfg.redis_url, &ro, &w->redis, err, errcap)))
-            return e;
+            goto fail;
         pw_redis_subscribe(w->redis, REVOKE_CHANNEL, on_key_revoked, w);
         refresh_functions(w);
         w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
         struct timeval tv = {1, 0};
-        if (!w->tick || event_add(w->tick, &tv) != 0)
-            return PW_ERR_NOMEM;
+        if (!w->tick || event_add(w->tick, &tv) != 0) {
+            e = PW_ERR_NOMEM;
+            goto fail;
+        }
     }
     if (pthread_create(&rt->reply_thread, NULL, reply_thread, rt) != 0) {
         snprintf(err, errcap, "cannot start the reply thread");
-        return PW_ERR_INTERNAL;
+        e = PW_ERR_INTERNAL;
+        goto fail;
     }
     return PW_OK;
+fail:
+    /* No reply thread runs: free the workers here, so router_stop has no thread to join
+     * (rt->workers == NULL tells it). */
+    workers_free(rt);
+    return e;
 }
 
 void router_stop(struct router *rt)
 {
     rt->stopping = 1;
     if (rt->workers)
-        pthread_join(rt->reply_thread, NULL);
-    for (unsigned i = 0; rt->workers && i < rt->n_workers; i++) {
-        struct router_worker *w = &rt->workers[i];
-        if (w->tick)
-            event_free(w->tick);
-        pw_redis_destroy(w->redis);
-        for (size_t k = 0; k < w->n_functions; k++)
-            free(w->functions[k]);
-        free(w->functions);
-        for (size_t k = 0; k < ROUTER_KEY_CACHE; k++)
-            key_clear(&w->keys[k]);
-    }
-    free(rt->workers);
+        pthread_join(rt->reply_thread, NULL); /* it runs whenever workers exist */
+    workers_free(rt);
     pw_metrics_destroy(rt->metrics);
+    rt->metrics = NULL;
 }

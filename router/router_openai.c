@@ -1895,7 +1895,7 @@ static enum pw_err take_delta(struct oai_resp *r, size_t g, const Parkway__Reply
     }
     ch->regen_tokens += nl;
     size_t nlp = r->logprobs ? nl - lskip : 0;
-    Parkway__TokenLogprob *const *lps = c->logprobs + lskip;
+    Parkway__TokenLogprob *const *lps = nl > 0 ? c->logprobs + lskip : NULL;
     enum pw_err e = router_sse_buf_append(&ch->text, text + skip, len - skip);
     if (e != PW_OK)
         return e;

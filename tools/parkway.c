@@ -20,6 +20,7 @@ struct command {
 static const struct command commands[] = {
     {"up", parkway_cmd_up, "run the whole stack on this machine"},
     {"fn", parkway_cmd_fn, "validate or show function specs"},
+    {"keys", parkway_cmd_keys, "create, list or revoke API keys"},
     {"simulate", parkway_cmd_simulate, "replay a request trace against scaling policies"},
 };
 

@@ -13,6 +13,9 @@ int parkway_cmd_up(int argc, char **argv);
 /* parkway fn validate|show: function specs (tools/parkway_fn.c). */
 int parkway_cmd_fn(int argc, char **argv);
 
+/* parkway keys create|list|revoke: API keys (tools/parkway_keys.c). */
+int parkway_cmd_keys(int argc, char **argv);
+
 /* parkway simulate: replay a request trace against scaling policies (tools/parkway_simulate.c,
  * declared with the simulator in scaler/scaler_sim.h). */
 int parkway_cmd_simulate(int argc, char **argv);

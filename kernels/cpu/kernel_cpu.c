@@ -36,10 +36,10 @@ struct cpu_backend {
     const struct cpu_isa *isa;
     struct cpu_pool pool;
     char name[32];
-    uint32_t max_tok;   /* reserved rows per step */
-    uint32_t max_cols;  /* reserved row width */
-    bool act_q8;        /* quantized matmuls use 8-bit activations (else 16-bit) */
-    void *xq;           /* [max_tok][max_cols / 32] cpu_q16x or cpu_q8x blocks */
+    uint32_t max_tok;  /* reserved rows per step */
+    uint32_t max_cols; /* reserved row width */
+    bool act_q8;       /* quantized matmuls use 8-bit activations (else 16-bit) */
+    void *xq;          /* [max_tok][max_cols / 32] cpu_q16x or cpu_q8x blocks */
     /* rope cos/sin cache, valid for rope_pos[0..rope_n) with rope_base/rope_dim */
     float *rope_cs;    /* [max_tok][CPU_ROPE_MAX_DIM] cos, sin interleaved */
     int32_t *rope_pos; /* [max_tok] */
@@ -384,8 +384,7 @@ static void mm_units(struct mm_ctx *m, uint32_t u0, uint32_t u1)
         if (w->tile_bytes && m->c->act_q8) {
             isa->mm_q(w, m->c->xq, m->ldx, m->n_tok, a, e, m->mm[i].y, ldy, m->mm[i].accumulate);
         } else if (w->tile_bytes) {
-            isa->mm_q16(w, m->c->xq, m->ldx, m->n_tok, a, e, m->mm[i].y, ldy,
-                        m->mm[i].accumulate);
+            isa->mm_q16(w, m->c->xq, m->ldx, m->n_tok, a, e, m->mm[i].y, ldy, m->mm[i].accumulate);
         } else {
             uint32_t r0 = a * CPU_GROUP_ROWS, r1 = e * CPU_GROUP_ROWS;
             if (r1 > w->base.info.n_out)
@@ -704,10 +703,19 @@ static bool cpu_has_avx512(void)
            __builtin_cpu_supports("avx512vl") && cpu_has_avx512_vnni();
 }
 
+/* F16C from CPUID leaf 1 (ECX bit 29): clang 14 has no __builtin_cpu_supports name for it
+ * either. */
+static bool cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return false;
+    return (c >> 29) & 1u;
+}
+
 static bool cpu_has_avx2(void)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
 }
 
 static enum pw_err pick_isa(const struct cpu_isa **out)
@@ -768,6 +776,9 @@ enum pw_err kernel_cpu_create_opts(const struct kernel_cpu_opts *opts, struct ke
                      getenv("PW_KERNEL_ISA"));
         return err;
     }
+    static const struct kernel_cpu_opts defaults = {0};
+    if (!opts)
+        opts = &defaults;
     bool act_q8;
     err = pick_act(opts->act, &act_q8);
     if (err) {

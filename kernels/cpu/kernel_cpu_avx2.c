@@ -234,7 +234,7 @@ static void mm_q(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx
     }
 }
 
-/* ---- 16-bit activations (vpmaddwd) ---- */
+/* ---- 16-bit activations (kernel_cpu_int.h: q = 256 qh + ql) ---- */
 
 static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
 {
@@ -248,27 +248,46 @@ static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
             a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i]));
         }
         float amax = hmax8(a);
-        float d = amax / 32767.0f;
-        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        float d = amax / CPU_Q16_LEVELS;
+        float id = amax != 0.0f ? CPU_Q16_LEVELS / amax : 0.0f;
         __m256 vid = _mm256_set1_ps(id);
-        __m256i q[4];
-        for (int i = 0; i < 4; i++)
-            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)); /* nearest even */
-        int sum =
-            hsum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
-        for (int i = 0; i < 4; i += 2) {
-            /* each 128-bit lane is one group of 4: order k, k+2, k+1, k+3 */
-            __m256i a0 = _mm256_shuffle_epi32(q[i], _MM_SHUFFLE(3, 1, 2, 0));
-            __m256i a1 = _mm256_shuffle_epi32(q[i + 1], _MM_SHUFFLE(3, 1, 2, 0));
-            /* packs works per 128-bit lane; the 64-bit permute restores element order */
-            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a0, a1),
-                                                 _MM_SHUFFLE(3, 1, 2, 0));
-            _mm256_storeu_si256((__m256i *)(out[b].qs + 8 * i), p);
+        __m256i lo[4], hi[4];
+        __m256i vs = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)); /* nearest even */
+            vs = _mm256_add_epi32(vs, q);
+            lo[i] = _mm256_srai_epi32(_mm256_slli_epi32(q, 24), 24);
+            hi[i] = _mm256_srai_epi32(_mm256_sub_epi32(q, lo[i]), 8);
         }
+        /* pack 32 int32 -> 32 int8 (values fit), then undo the lane interleave */
+        const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i pl =
+            _mm256_packs_epi16(_mm256_packs_epi32(lo[0], lo[1]), _mm256_packs_epi32(lo[2], lo[3]));
+        __m256i ph =
+            _mm256_packs_epi16(_mm256_packs_epi32(hi[0], hi[1]), _mm256_packs_epi32(hi[2], hi[3]));
+        _mm256_storeu_si256((__m256i *)out[b].ql, _mm256_permutevar8x32_epi32(pl, fix));
+        _mm256_storeu_si256((__m256i *)out[b].qh, _mm256_permutevar8x32_epi32(ph, fix));
+        int sum = hsum8i(vs);
         out[b].d = d;
         out[b].s = d * (float)sum;
         out[b].n8 = -8 * sum;
         out[b].n128 = -128 * sum;
+    }
+}
+
+/*
+ * One block's q as int16, each group of 4 reordered (k, k+2, k+1, k+3) so that a dword
+ * broadcast pairs with the even / odd weight bytes of a tile lane widened to words.
+ */
+static ALWAYS_INLINE void q16_words(const struct cpu_q16x *xb, int16_t *out)
+{
+    const __m256i shuf = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 0,
+                                          1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
+    for (int i = 0; i < 2; i++) {
+        __m256i l = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xb->ql + 16 * i)));
+        __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xb->qh + 16 * i)));
+        __m256i q = _mm256_add_epi16(_mm256_slli_epi16(h, 8), l);
+        _mm256_storeu_si256((__m256i *)(out + 16 * i), _mm256_shuffle_epi8(q, shuf));
     }
 }
 
@@ -279,49 +298,69 @@ static ALWAYS_INLINE __m256i bcast16(const int16_t *p)
     return _mm256_set1_epi32(v);
 }
 
-/* 8 rows (half h of a group) x T tokens over all blocks, 16-bit activations. */
+/*
+ * 8 rows (half h of a group) x T tokens over all blocks, 16-bit activations. Q4: two
+ * vpmaddubsw planes (qh, ql), each within int16 for a block as on the 8-bit path. Q8_0:
+ * vpmaddubsw cannot take ql = -128 against a weight of -128 without wrapping, so the
+ * weights are widened to signed words and multiplied with vpmaddwd against q itself.
+ */
 static ALWAYS_INLINE void mk16(enum kernel_dtype dt, const uint8_t *gw, size_t nb, size_t tile,
                                int h, const struct cpu_q16x *x, size_t ldx, int T, __m256 *acc)
 {
-    const __m256i m4 = _mm256_set1_epi16(0x000f);
-    const __m256i m8 = _mm256_set1_epi16(0x00ff);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
     for (int t = 0; t < T; t++)
         acc[t] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *tp = gw + b * tile;
         __m256i ai[MK_T];
-        for (int t = 0; t < T; t++)
-            ai[t] = dt == KERNEL_DTYPE_Q4_0   ? _mm256_set1_epi32(x[t * ldx + b].n8)
-                    : dt == KERNEL_DTYPE_Q8_0 ? _mm256_set1_epi32(x[t * ldx + b].n128)
-                                              : _mm256_setzero_si256();
         if (dt == KERNEL_DTYPE_Q8_0) {
+            int16_t qw[MK_T][KERNEL_QK];
+            for (int t = 0; t < T; t++) {
+                q16_words(&x[t * ldx + b], qw[t]);
+                ai[t] = _mm256_setzero_si256();
+            }
             for (int j = 0; j < 8; j++) {
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(tp + 64 * j + 32 * h));
-                __m256i w0 = _mm256_and_si256(raw, m8);
-                __m256i w1 = _mm256_srli_epi16(raw, 8);
+                __m256i ws = _mm256_xor_si256(
+                    _mm256_loadu_si256((const __m256i *)(tp + 64 * j + 32 * h)), flip);
+                __m256i w0 = _mm256_srai_epi16(_mm256_slli_epi16(ws, 8), 8); /* b0 b2 */
+                __m256i w1 = _mm256_srai_epi16(ws, 8);                       /* b1 b3 */
                 for (int t = 0; t < T; t++) {
-                    const int16_t *qs = x[t * ldx + b].qs;
-                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast16(qs + 4 * j)),
-                                                 _mm256_madd_epi16(w1, bcast16(qs + 4 * j + 2)));
+                    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast16(qw[t] + 4 * j)),
+                                                 _mm256_madd_epi16(w1, bcast16(qw[t] + 4 * j + 2)));
                     ai[t] = _mm256_add_epi32(ai[t], p);
                 }
             }
         } else {
+            __m256i ph[MK_T], pl[MK_T];
+            for (int t = 0; t < T; t++) {
+                ph[t] = _mm256_setzero_si256();
+                pl[t] = _mm256_setzero_si256();
+            }
             for (int j = 0; j < 4; j++) {
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(tp + 64 * j + 32 * h));
-                __m256i w0 = _mm256_and_si256(raw, m4);
-                __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 8), m4);
-                __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-                __m256i w3 = _mm256_srli_epi16(raw, 12);
+                __m256i lo = _mm256_and_si256(raw, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
                 for (int t = 0; t < T; t++) {
-                    const int16_t *qs = x[t * ldx + b].qs;
-                    __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(w0, bcast16(qs + 4 * j)),
-                                                  _mm256_madd_epi16(w1, bcast16(qs + 4 * j + 2)));
-                    __m256i hi =
-                        _mm256_add_epi32(_mm256_madd_epi16(w2, bcast16(qs + 16 + 4 * j)),
-                                         _mm256_madd_epi16(w3, bcast16(qs + 16 + 4 * j + 2)));
-                    ai[t] = _mm256_add_epi32(ai[t], _mm256_add_epi32(lo, hi));
+                    const struct cpu_q16x *xb = &x[t * ldx + b];
+                    ph[t] = _mm256_add_epi16(
+                        ph[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xb->qh + 4 * j))));
+                    ph[t] = _mm256_add_epi16(
+                        ph[t],
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xb->qh + 16 + 4 * j))));
+                    pl[t] = _mm256_add_epi16(
+                        pl[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(ld32(xb->ql + 4 * j))));
+                    pl[t] = _mm256_add_epi16(
+                        pl[t],
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ld32(xb->ql + 16 + 4 * j))));
                 }
+            }
+            for (int t = 0; t < T; t++) {
+                ai[t] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_madd_epi16(ph[t], ones), 8),
+                                         _mm256_madd_epi16(pl[t], ones));
+                if (dt == KERNEL_DTYPE_Q4_0)
+                    ai[t] = _mm256_add_epi32(ai[t], _mm256_set1_epi32(x[t * ldx + b].n8));
             }
         }
         size_t dofs = dt == KERNEL_DTYPE_Q8_0 ? 512 : 256;
@@ -360,8 +399,8 @@ static ALWAYS_INLINE void mm16_tile(const struct cpu_weight *w, const uint8_t *g
     }
 }
 
-static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
-                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx, uint32_t n_tok,
+                   uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
 {
     size_t gbytes = (size_t)w->n_blocks * w->tile_bytes;
     for (uint32_t g = g0; g < g1; g++) {
@@ -473,8 +512,16 @@ static void swiglu(const float *gate, const float *up, float *out, size_t n)
         __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
     }
-    for (size_t i = n8; i < n; i++)
-        out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    if (n8 < n) {
+        /* masked, not scalar: an element's result must not depend on where the array ends
+         * (the engine passes all rows at once; batch invariance) */
+        __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - n8)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 g = _mm256_maskload_ps(gate + n8, m);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_maskstore_ps(out + n8, m, _mm256_mul_ps(s, _mm256_maskload_ps(up + n8, m)));
+    }
 }
 
 static void add(float *y, const float *x, size_t n)

@@ -198,27 +198,29 @@ static void mm_q(const struct cpu_weight *w, const struct cpu_q8x *x, size_t ldx
     }
 }
 
-/* ---- 16-bit activations (vpdpwssd) ---- */
+/* ---- 16-bit activations: two vpdpbusd per weight quad (kernel_cpu_int.h) ---- */
 
 static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
 {
-    /* within each 4 elements: k, k+2, k+1, k+3 (kernel_cpu_int.h) */
-    const __m512i perm = _mm512_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
     for (size_t b = 0; b < nb; b++) {
         __m512 v0 = _mm512_loadu_ps(x + b * KERNEL_QK);
         __m512 v1 = _mm512_loadu_ps(x + b * KERNEL_QK + 16);
         __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
         float amax = _mm512_reduce_max_ps(a);
-        float d = amax / 32767.0f;
-        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        float d = amax / CPU_Q16_LEVELS;
+        float id = amax != 0.0f ? CPU_Q16_LEVELS / amax : 0.0f;
         __m512 vid = _mm512_set1_ps(id);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)); /* nearest even */
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
-        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        _mm256_storeu_si256((__m256i *)out[b].qs,
-                            _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(perm, q0)));
-        _mm256_storeu_si256((__m256i *)(out[b].qs + 16),
-                            _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(perm, q1)));
+        __m512i q[2];
+        q[0] = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)); /* nearest even */
+        q[1] = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+        int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+        for (int i = 0; i < 2; i++) {
+            /* ql = sign-extended low byte, qh = (q - ql) / 256 exactly */
+            __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(q[i], 24), 24);
+            __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(q[i], lo), 8);
+            _mm_storeu_si128((__m128i *)(out[b].ql + 16 * i), _mm512_cvtepi32_epi8(lo));
+            _mm_storeu_si128((__m128i *)(out[b].qh + 16 * i), _mm512_cvtepi32_epi8(hi));
+        }
         out[b].d = d;
         out[b].s = d * (float)sum;
         out[b].n8 = -8 * sum;
@@ -226,22 +228,18 @@ static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
     }
 }
 
-static ALWAYS_INLINE __m512i bcast16(const int16_t *p)
-{
-    int32_t v;
-    memcpy(&v, p, sizeof(v));
-    return _mm512_set1_epi32(v);
-}
-
-/* Applies one block's integer sums to the float accumulators (same for every T). */
-static ALWAYS_INLINE void scale16(const uint8_t *dptr, const uint8_t *mptr,
-                                  const struct cpu_q16x *x, size_t ldx, size_t b, int T,
-                                  const __m512i *ai, __m512 *acc)
+/* S = 256 S(qh) + S(ql) (+ the Q4_0 / Q8_0 offset already in al), then the float update
+ * shared with the 8-bit path. */
+static ALWAYS_INLINE void finish16(const uint8_t *dptr, const uint8_t *mptr,
+                                   const struct cpu_q16x *x, size_t ldx, size_t b, int T,
+                                   const __m512i *ah, const __m512i *al, __m512 *acc)
 {
     __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dptr));
-    for (int t = 0; t < T; t++)
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[t]),
+    for (int t = 0; t < T; t++) {
+        __m512i s = _mm512_add_epi32(_mm512_slli_epi32(ah[t], 8), al[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
                                  _mm512_mul_ps(dw, _mm512_set1_ps(x[t * ldx + b].d)), acc[t]);
+    }
     if (mptr) {
         __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)mptr));
         for (int t = 0; t < T; t++)
@@ -249,85 +247,61 @@ static ALWAYS_INLINE void scale16(const uint8_t *dptr, const uint8_t *mptr,
     }
 }
 
-/*
- * 16 rows x T tokens, Q4_0 / Q4_1, 16-bit activations. Each 64-byte chunk unpacks into
- * four word vectors (low/high nibble x even/odd byte). With few tokens the low- and
- * high-nibble sums run as two dependency chains; integer sums are exact, so the split
- * does not change results.
- */
+/* 16 rows x T tokens, Q4_0 / Q4_1, 16-bit activations. */
 static ALWAYS_INLINE void mk_q4_16(const uint8_t *gw, size_t nb, size_t tile,
                                    const struct cpu_q16x *x, size_t ldx, int T, bool q41,
                                    __m512 *acc)
 {
-    const __m512i m4 = _mm512_set1_epi16(0x000f);
-    const bool two = T <= 4;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
     for (int t = 0; t < T; t++)
         acc[t] = _mm512_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *tp = gw + b * tile;
-        __m512i ai[MK_T], bi[MK_T];
+        __m512i ah[MK_T], al[MK_T];
         for (int t = 0; t < T; t++) {
-            ai[t] = q41 ? _mm512_setzero_si512() : _mm512_set1_epi32(x[t * ldx + b].n8);
-            bi[t] = _mm512_setzero_si512();
+            ah[t] = _mm512_setzero_si512();
+            al[t] = q41 ? _mm512_setzero_si512() : _mm512_set1_epi32(x[t * ldx + b].n8);
         }
         for (int j = 0; j < 4; j++) {
             __m512i raw = _mm512_loadu_si512(tp + 64 * j);
-            __m512i w0 = _mm512_and_si512(raw, m4);                        /* lo, b0 b2 */
-            __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m4);  /* lo, b1 b3 */
-            __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);  /* hi, b0 b2 */
-            __m512i w3 = _mm512_srli_epi16(raw, 12);                       /* hi, b1 b3 */
+            __m512i lo = _mm512_and_si512(raw, m4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
             for (int t = 0; t < T; t++) {
-                const int16_t *qs = x[t * ldx + b].qs;
-                ai[t] = _mm512_dpwssd_epi32(ai[t], w0, bcast16(qs + 4 * j));
-                ai[t] = _mm512_dpwssd_epi32(ai[t], w1, bcast16(qs + 4 * j + 2));
-                if (two) {
-                    bi[t] = _mm512_dpwssd_epi32(bi[t], w2, bcast16(qs + 16 + 4 * j));
-                    bi[t] = _mm512_dpwssd_epi32(bi[t], w3, bcast16(qs + 16 + 4 * j + 2));
-                } else {
-                    ai[t] = _mm512_dpwssd_epi32(ai[t], w2, bcast16(qs + 16 + 4 * j));
-                    ai[t] = _mm512_dpwssd_epi32(ai[t], w3, bcast16(qs + 16 + 4 * j + 2));
-                }
+                const struct cpu_q16x *xb = &x[t * ldx + b];
+                ah[t] = _mm512_dpbusd_epi32(ah[t], lo, _mm512_set1_epi32(ld32(xb->qh + 4 * j)));
+                al[t] = _mm512_dpbusd_epi32(al[t], lo, _mm512_set1_epi32(ld32(xb->ql + 4 * j)));
+                ah[t] =
+                    _mm512_dpbusd_epi32(ah[t], hi, _mm512_set1_epi32(ld32(xb->qh + 16 + 4 * j)));
+                al[t] =
+                    _mm512_dpbusd_epi32(al[t], hi, _mm512_set1_epi32(ld32(xb->ql + 16 + 4 * j)));
             }
         }
-        if (two)
-            for (int t = 0; t < T; t++)
-                ai[t] = _mm512_add_epi32(ai[t], bi[t]);
-        scale16(tp + 256, q41 ? tp + 288 : NULL, x, ldx, b, T, ai, acc);
+        finish16(tp + 256, q41 ? tp + 288 : NULL, x, ldx, b, T, ah, al, acc);
     }
 }
 
-/* Q8_0 stored +128, 16-bit activations: words 0..255 times int16, n128 start value. */
+/* Q8_0 stored +128, 16-bit activations; n128 is the start value of the low half. */
 static ALWAYS_INLINE void mk_q8_16(const uint8_t *gw, size_t nb, size_t tile,
                                    const struct cpu_q16x *x, size_t ldx, int T, __m512 *acc)
 {
-    const __m512i m8 = _mm512_set1_epi16(0x00ff);
-    const bool two = T <= 4;
     for (int t = 0; t < T; t++)
         acc[t] = _mm512_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
         const uint8_t *tp = gw + b * tile;
-        __m512i ai[MK_T], bi[MK_T];
+        __m512i ah[MK_T], al[MK_T];
         for (int t = 0; t < T; t++) {
-            ai[t] = _mm512_set1_epi32(x[t * ldx + b].n128);
-            bi[t] = _mm512_setzero_si512();
+            ah[t] = _mm512_setzero_si512();
+            al[t] = _mm512_set1_epi32(x[t * ldx + b].n128);
         }
         for (int j = 0; j < 8; j++) {
-            __m512i raw = _mm512_loadu_si512(tp + 64 * j);
-            __m512i w0 = _mm512_and_si512(raw, m8);
-            __m512i w1 = _mm512_srli_epi16(raw, 8);
+            __m512i w = _mm512_loadu_si512(tp + 64 * j);
             for (int t = 0; t < T; t++) {
-                const int16_t *qs = x[t * ldx + b].qs;
-                ai[t] = _mm512_dpwssd_epi32(ai[t], w0, bcast16(qs + 4 * j));
-                if (two)
-                    bi[t] = _mm512_dpwssd_epi32(bi[t], w1, bcast16(qs + 4 * j + 2));
-                else
-                    ai[t] = _mm512_dpwssd_epi32(ai[t], w1, bcast16(qs + 4 * j + 2));
+                const struct cpu_q16x *xb = &x[t * ldx + b];
+                ah[t] = _mm512_dpbusd_epi32(ah[t], w, _mm512_set1_epi32(ld32(xb->qh + 4 * j)));
+                al[t] = _mm512_dpbusd_epi32(al[t], w, _mm512_set1_epi32(ld32(xb->ql + 4 * j)));
             }
         }
-        if (two)
-            for (int t = 0; t < T; t++)
-                ai[t] = _mm512_add_epi32(ai[t], bi[t]);
-        scale16(tp + 512, NULL, x, ldx, b, T, ai, acc);
+        finish16(tp + 512, NULL, x, ldx, b, T, ah, al, acc);
     }
 }
 
@@ -350,8 +324,8 @@ static ALWAYS_INLINE void mm_q16_tile(const struct cpu_weight *w, const uint8_t 
     store_rows(acc, T, y, ldy, row0, w->base.info.n_out, accum);
 }
 
-static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
-                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx, uint32_t n_tok,
+                   uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
 {
     size_t gbytes = (size_t)w->n_blocks * w->tile_bytes;
     for (uint32_t g = g0; g < g1; g++) {

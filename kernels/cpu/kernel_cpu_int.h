@@ -20,18 +20,19 @@
  * whole row band streams sequentially. Same bytes as the GGUF rows (plus padding rows).
  *
  * Activations for integer dot products are quantized per 32 floats, either to 16 bits
- * (struct cpu_q16x, d = amax/32767: the default, precise path) or to 8 bits (struct
+ * (struct cpu_q16x, d = amax/32639: the default, precise path) or to 8 bits (struct
  * cpu_q8x, d = amax/127: faster, but an outlier in a block wipes out the rest of it),
- * qs = round(x/d), with the block sums the weight formats need:
+ * q = round(x/d), with the block sums the weight formats need:
  *   Q4_1: y += d_w d_x S + m_w (d_x sum);    Q4_0: y += d_w d_x (S - 8 sum);
- *   Q8_0 (stored +128): y += d_w d_x (S - 128 sum), where S = sum of stored q_w * q_x.
- * S fits int32 on both paths: |S| <= 32 * 255 * 32767 < 2^28.
+ *   Q8_0 (stored +128): y += d_w d_x (S - 128 sum), where S = sum of stored q_w * q.
  *
- * 16-bit path: vpdpwssd / vpmaddwd multiply int16 pairs inside each dword lane. The
- * weight tile's lane r holds bytes (b0 b1 b2 b3) of row r; masking its 16-bit words with
- * 0x00ff (or 0x000f for nibbles) gives the pair (b0, b2), shifting them right by 8 gives
- * (b1, b3). So cpu_q16x stores each 4 activations k..k+3 as (x[k], x[k+2], x[k+1],
- * x[k+3]): one dword broadcast then pairs with each unpacked weight vector directly.
+ * 16-bit path: q is stored as two signed bytes, q = 256 qh + ql with ql in [-128, 127]
+ * (hence |q| <= 127 * 256 + 127 = 32639, not 32767), and S = 256 S(qh) + S(ql), each
+ * half an ordinary u8 x s8 dot product (vpdpbusd / vpmaddubsw) on the unchanged weight
+ * tiles. This costs two int8 dot products per weight quad where vpdpwssd would also need
+ * the nibbles widened to 16 bits first; measured faster at n_tok = 1 and equal when
+ * batched (docs/internals/kernels.md). Every partial sum fits int32: |S| < 2^28. (The
+ * AVX2 Q8_0 kernel widens to int16 and uses vpmaddwd instead; see its comment.)
  */
 #ifndef KERNEL_CPU_INT_H
 #define KERNEL_CPU_INT_H
@@ -56,20 +57,17 @@ struct cpu_q8x {
     int8_t qs[KERNEL_QK];
 };
 
-/* One 32-element block of a 16-bit activation row. 80 bytes, 16-byte aligned. */
+/* One 32-element block of a 16-bit activation row: q[k] = 256 qh[k] + ql[k]. 80 bytes. */
 struct cpu_q16x {
-    float d;      /* scale: amax / 32767 */
-    float s;      /* d * sum(qs) */
-    int32_t n8;   /* -8 * sum(qs) */
-    int32_t n128; /* -128 * sum(qs) */
-    int16_t qs[KERNEL_QK]; /* each group of 4 stored as x[k], x[k+2], x[k+1], x[k+3] */
+    float d;      /* scale: amax / 32639 */
+    float s;      /* d * sum(q) */
+    int32_t n8;   /* -8 * sum(q): added to S(ql) for Q4_0 */
+    int32_t n128; /* -128 * sum(q): added to S(ql) for Q8_0 stored +128 */
+    int8_t qh[KERNEL_QK];
+    int8_t ql[KERNEL_QK];
 };
 
-/* Index in cpu_q16x.qs of activation element k of the block. */
-static inline int cpu_q16_pos(int k)
-{
-    return (k & ~3) | ((k & 1) << 1) | ((k & 2) >> 1);
-}
+#define CPU_Q16_LEVELS 32639.0f /* largest |q| that splits into two signed bytes */
 
 struct cpu_weight {
     struct kernel_weight base; /* must be first */
@@ -118,8 +116,8 @@ struct cpu_isa {
                  uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc);
     /* The same for 16-bit activations. */
     void (*quantize_x16)(const float *x, struct cpu_q16x *out, size_t nb);
-    void (*mm_q16)(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
-                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc);
+    void (*mm_q16)(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx, uint32_t n_tok,
+                   uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc);
     /* Float weights, rows [r0, r1) times n_tok float rows x (stride n_in). */
     void (*mm_f)(const struct cpu_weight *w, const float *x, uint32_t n_tok, uint32_t r0,
                  uint32_t r1, float *y, size_t ldy, bool acc);

@@ -83,12 +83,14 @@ static void quantize_x16(const float *x, struct cpu_q16x *out, size_t nb)
         float amax = 0.0f;
         for (int j = 0; j < KERNEL_QK; j++)
             amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 32767.0f;
-        float id = amax != 0.0f ? 32767.0f / amax : 0.0f;
+        float d = amax / CPU_Q16_LEVELS;
+        float id = amax != 0.0f ? CPU_Q16_LEVELS / amax : 0.0f;
         int sum = 0;
         for (int j = 0; j < KERNEL_QK; j++) {
             int q = (int)nearbyintf(xb[j] * id);
-            out[b].qs[cpu_q16_pos(j)] = (int16_t)q;
+            int lo = ((q + 128) & 255) - 128;
+            out[b].ql[j] = (int8_t)lo;
+            out[b].qh[j] = (int8_t)((q - lo) / 256);
             sum += q;
         }
         out[b].d = d;
@@ -107,8 +109,8 @@ static int32_t tile_q(enum kernel_dtype dt, const uint8_t *tile, int r, int k)
     return k < 16 ? (q & 0x0f) : (q >> 4);
 }
 
-static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx,
-                   uint32_t n_tok, uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
+static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t ldx, uint32_t n_tok,
+                   uint32_t g0, uint32_t g1, float *y, size_t ldy, bool acc)
 {
     enum kernel_dtype dt = w->base.info.dtype;
     const uint8_t *base = w->data;
@@ -126,7 +128,7 @@ static void mm_q16(const struct cpu_weight *w, const struct cpu_q16x *x, size_t 
                                 : dt == KERNEL_DTYPE_Q8_0 ? xb->n128
                                                           : 0;
                     for (int k = 0; k < KERNEL_QK; k++)
-                        s += tile_q(dt, tile, r, k) * xb->qs[cpu_q16_pos(k)];
+                        s += tile_q(dt, tile, r, k) * (256 * xb->qh[k] + xb->ql[k]);
                     float d = kernel_fp16_to_fp32(dw[r]);
                     sums[r] += d * (xb->d * (float)s);
                     if (dt == KERNEL_DTYPE_Q4_1)
