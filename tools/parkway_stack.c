@@ -15,6 +15,7 @@
 #include "pw_apikey.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
+#include "pw_redis.h"
 #include "pw_log.h"
 
 #define FUNCTIONS_KEY PW_KEY_FUNCTIONS
@@ -31,7 +32,7 @@ void parkway_stack_opts_default(struct parkway_stack_opts *o)
                  home && *home ? home : "/tmp");
     snprintf(o->functions_dir, sizeof o->functions_dir, "functions");
     o->router_port = 8080;
-    o->redis_port = 6390;
+    o->redis_port = 0;
 }
 
 static enum pw_err mkdir_p(const char *path, char *err, size_t errcap)
@@ -57,14 +58,35 @@ fail:
     return PW_ERR_IO;
 }
 
-enum pw_err parkway_stack_prepare_dirs(const struct parkway_stack_opts *o, char *err, size_t errcap)
+enum pw_err parkway_stack_prepare_dirs(struct parkway_stack_opts *o, char *err, size_t errcap)
 {
-    char path[PATH_MAX];
+    char path[PATH_MAX], dir[PATH_MAX];
     enum pw_err e = mkdir_p(o->state_dir, err, errcap);
     if (e)
         return e;
     snprintf(path, sizeof path, "%s/redis", o->state_dir);
-    return mkdir_p(path, err, errcap);
+    if ((e = mkdir_p(path, err, errcap)))
+        return e;
+    if (o->external_redis)
+        return PW_OK;
+    if (o->redis_port > 0) {
+        snprintf(o->redis_url, sizeof o->redis_url, "redis://127.0.0.1:%d", o->redis_port);
+        return PW_OK;
+    }
+    if (!realpath(o->state_dir, dir)) {
+        snprintf(err, errcap, "%s: %s", o->state_dir, strerror(errno));
+        return PW_ERR_IO;
+    }
+    /* sun_path holds 108 bytes: a deep state dir cannot host the socket. */
+    if (strlen(dir) + sizeof "/redis/redis.sock" > 104) {
+        snprintf(err, errcap,
+                 "state dir %s is too long for a unix socket; use --redis-port N or a shorter "
+                 "--state-dir",
+                 dir);
+        return PW_ERR_CONFIG;
+    }
+    snprintf(o->redis_url, sizeof o->redis_url, "unix://%s/redis/redis.sock", dir);
+    return PW_OK;
 }
 
 enum pw_err parkway_stack_write_redis_conf(const struct parkway_stack_opts *o, char *path,
@@ -87,10 +109,12 @@ enum pw_err parkway_stack_write_redis_conf(const struct parkway_stack_opts *o, c
     else
         fprintf(f, "appendonly yes\nappendfsync everysec\nsave \"\"\n"
                    "maxmemory-policy noeviction\n");
-    fprintf(f,
-            "bind 127.0.0.1\nprotected-mode yes\nport %d\ndir %s/redis\ndaemonize no\n"
-            "pidfile %s/redis/redis.pid\n",
-            o->redis_port, dir, dir);
+    /* Private by default: a unix socket only the owner can open, no TCP port. */
+    if (o->redis_port > 0)
+        fprintf(f, "bind 127.0.0.1\nprotected-mode yes\nport %d\n", o->redis_port);
+    else
+        fprintf(f, "port 0\nunixsocket %s/redis/redis.sock\nunixsocketperm 700\n", dir);
+    fprintf(f, "dir %s/redis\ndaemonize no\npidfile %s/redis/redis.pid\n", dir, dir);
     if (fclose(f) != 0) {
         snprintf(err, errcap, "cannot write %s: %s", path, strerror(errno));
         return PW_ERR_IO;
@@ -100,15 +124,9 @@ enum pw_err parkway_stack_write_redis_conf(const struct parkway_stack_opts *o, c
 
 static redisContext *connect_redis(const struct parkway_stack_opts *o, char *err, size_t errcap)
 {
-    struct timeval tv = {2, 0};
-    redisContext *c = redisConnectWithTimeout("127.0.0.1", o->redis_port, tv);
-    if (!c || c->err) {
-        snprintf(err, errcap, "redis 127.0.0.1:%d: %s", o->redis_port,
-                 c ? c->errstr : "out of memory");
-        redisFree(c);
+    redisContext *c = NULL;
+    if (pw_redis_sync_connect(o->redis_url, 2000, &c, err, errcap) != PW_OK)
         return NULL;
-    }
-    redisSetTimeout(c, tv);
     return c;
 }
 
@@ -317,8 +335,8 @@ enum pw_err parkway_stack_write_env(const struct parkway_stack_opts *o, const ch
     }
     fprintf(f,
             "OPENAI_BASE_URL=http://127.0.0.1:%d/v1\nOPENAI_API_KEY=%s\n"
-            "PARKWAY_REDIS_URL=redis://127.0.0.1:%d\nPARKWAY_ADMIN_KEY=%s\n",
-            o->router_port, key, o->redis_port, admin_key);
+            "PARKWAY_REDIS_URL=%s\nPARKWAY_ADMIN_KEY=%s\n",
+            o->router_port, key, o->redis_url, admin_key);
     if (fclose(f) != 0 || rename(tmp, path) != 0) {
         snprintf(err, errcap, "cannot write %s: %s", path, strerror(errno));
         unlink(tmp);

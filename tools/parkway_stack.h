@@ -17,15 +17,19 @@ struct parkway_stack_opts {
     char state_dir[PATH_MAX - 64]; /* absolute or relative; holds env, redis/ */
     char functions_dir[PATH_MAX];
     int router_port; /* on 127.0.0.1 */
-    int redis_port;  /* of the stack's own redis-server, on 127.0.0.1 */
+    int redis_port;  /* own redis-server on 127.0.0.1:port; 0 = a unix socket in the state dir */
+    char redis_url[PATH_MAX + 16]; /* what every process connects to; set by
+                                      parkway_stack_prepare_dirs unless given (--redis) */
+    bool external_redis;           /* --redis URL: use that server, start none */
 };
 
-/* Defaults: $PARKWAY_STATE_DIR or ~/.local/state/parkway, ./functions, 8080, 6390. */
+/* Defaults: $PARKWAY_STATE_DIR or ~/.local/state/parkway, ./functions, port 8080, Redis on a
+ * unix socket in the state dir. */
 void parkway_stack_opts_default(struct parkway_stack_opts *o);
 
-/* Creates state_dir and state_dir/redis (mode 0700). */
-enum pw_err parkway_stack_prepare_dirs(const struct parkway_stack_opts *o, char *err,
-                                       size_t errcap);
+/* Creates state_dir and state_dir/redis (mode 0700) and fills redis_url for the stack's
+ * own server (unless external_redis). */
+enum pw_err parkway_stack_prepare_dirs(struct parkway_stack_opts *o, char *err, size_t errcap);
 
 /* Writes state_dir/redis/redis.conf (deploy/redis.conf plus this stack's port and dir). */
 enum pw_err parkway_stack_write_redis_conf(const struct parkway_stack_opts *o, char *path,

@@ -55,7 +55,9 @@ static void up_usage(FILE *out)
             "                     ~/.local/state/parkway\n"
             "  --functions DIR    function specs to serve (default ./functions)\n"
             "  --port N           router port on 127.0.0.1 (default 8080)\n"
-            "  --redis-port N     port of the stack's own redis-server (default 6390)\n"
+            "  --redis-port N     own redis-server on 127.0.0.1:N (default: a unix socket in\n"
+            "                     the state dir, no TCP port)\n"
+            "  --redis URL        use this Redis instead of starting one\n"
             "  --new-key          make a new API key even if the state dir has one\n"
             "  --redis-only       start Redis and register specs and key, but no router,\n"
             "                     scaler or engines (to run those by hand, and for tests)\n");
@@ -133,10 +135,15 @@ int parkway_cmd_up(int argc, char **argv)
     bool new_key = false, redis_only = false;
 
     static const struct option longopts[] = {
-        {"state-dir", required_argument, NULL, 's'}, {"functions", required_argument, NULL, 'f'},
-        {"port", required_argument, NULL, 'p'},      {"redis-port", required_argument, NULL, 'r'},
-        {"new-key", no_argument, NULL, 'k'},         {"help", no_argument, NULL, 'h'},
-        {"redis-only", no_argument, NULL, 'o'},      {NULL, 0, NULL, 0},
+        {"state-dir", required_argument, NULL, 's'},
+        {"functions", required_argument, NULL, 'f'},
+        {"port", required_argument, NULL, 'p'},
+        {"redis-port", required_argument, NULL, 'r'},
+        {"redis", required_argument, NULL, 'R'},
+        {"new-key", no_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'},
+        {"redis-only", no_argument, NULL, 'o'},
+        {NULL, 0, NULL, 0},
     };
     int opt;
     optind = 1;
@@ -165,6 +172,14 @@ int parkway_cmd_up(int argc, char **argv)
         }
         case 'k':
             new_key = true;
+            break;
+        case 'R':
+            if (snprintf(up.opts.redis_url, sizeof up.opts.redis_url, "%s", optarg) >=
+                (int)sizeof up.opts.redis_url) {
+                fprintf(stderr, "parkway up: --redis: URL too long\n");
+                return 2;
+            }
+            up.opts.external_redis = true;
             break;
         case 'o':
             redis_only = true;
@@ -205,15 +220,17 @@ int parkway_cmd_up(int argc, char **argv)
     if (e)
         goto fail;
 
-    char conf[PATH_MAX + 32], redis_log[PATH_MAX + 32];
-    e = parkway_stack_write_redis_conf(&up.opts, conf, sizeof conf, err, sizeof err);
-    if (e)
-        goto fail;
-    snprintf(redis_log, sizeof redis_log, "%s/redis/redis.log", up.opts.state_dir);
-    char *redis_argv[] = {"redis-server", conf, NULL};
-    if (spawn(&up, "redis", redis_argv, redis_log)) {
-        snprintf(err, sizeof err, "cannot start redis-server");
-        goto fail;
+    if (!up.opts.external_redis) {
+        char conf[PATH_MAX + 32], redis_log[PATH_MAX + 32];
+        e = parkway_stack_write_redis_conf(&up.opts, conf, sizeof conf, err, sizeof err);
+        if (e)
+            goto fail;
+        snprintf(redis_log, sizeof redis_log, "%s/redis/redis.log", up.opts.state_dir);
+        char *redis_argv[] = {"redis-server", conf, NULL};
+        if (spawn(&up, "redis", redis_argv, redis_log)) {
+            snprintf(err, sizeof err, "cannot start redis-server");
+            goto fail;
+        }
     }
     e = parkway_stack_wait_redis(&up.opts, 10000, err, sizeof err);
     if (e)
@@ -238,8 +255,7 @@ int parkway_cmd_up(int argc, char **argv)
     snprintf(router_exe, sizeof router_exe, "%s/../router/parkway-router", exe_dir);
     snprintf(scaler_exe, sizeof scaler_exe, "%s/../scaler/parkway-scaler", exe_dir);
     snprintf(engine_exe, sizeof engine_exe, "%s/../engine/parkway-engine", exe_dir);
-    char redis_url[64], port_s[16];
-    snprintf(redis_url, sizeof redis_url, "redis://127.0.0.1:%d", up.opts.redis_port);
+    char *redis_url = up.opts.redis_url, port_s[16];
     snprintf(port_s, sizeof port_s, "%d", up.opts.router_port);
     bool have_router = !redis_only && exe_exists(router_exe);
     bool have_scaler = !redis_only && exe_exists(scaler_exe);
@@ -270,7 +286,10 @@ int parkway_cmd_up(int argc, char **argv)
     printf("parkway is up\n");
     printf("  OPENAI_BASE_URL=http://127.0.0.1:%d/v1\n", up.opts.router_port);
     printf("  OPENAI_API_KEY=%s\n", key);
-    printf("  redis            %s (data in %s/redis)\n", redis_url, up.opts.state_dir);
+    if (up.opts.external_redis)
+        printf("  redis            %s (external)\n", redis_url);
+    else
+        printf("  redis            %s (data in %s/redis)\n", redis_url, up.opts.state_dir);
     for (size_t i = 0; i < specs.count; i++)
         printf("  function         %s\n", specs.specs[i]->name);
     printf("  router           %s\n", have_router  ? "running"

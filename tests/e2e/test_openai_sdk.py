@@ -41,10 +41,11 @@ def model_path():
 
 def start_stack():
     state = tempfile.mkdtemp(prefix="pw-e2e-")
-    port, redis_port = free_port(), free_port()
+    port = free_port()
+    # Redis on its default private unix socket inside the state directory.
     proc = subprocess.Popen(
         [ARGS.parkway, "up", "--state-dir", state, "--functions", ARGS.functions,
-         "--port", str(port), "--redis-port", str(redis_port)],
+         "--port", str(port)],
         stdout=subprocess.PIPE, stderr=open(os.path.join(state, "up.log"), "w"), text=True)
     out = ""
     deadline = time.time() + 60
