@@ -623,6 +623,14 @@ static uint32_t batch_room(const struct worker *w, uint32_t free_slots)
 }
 
 /* Entries idle past PW_WORKER_STALE_MS belong to a worker that stopped heartbeating. */
+static bool worker_owns(const struct worker *w, const char *entry_id)
+{
+    for (const struct worker_req *q = w->reqs; q; q = q->next)
+        if (strcmp(q->entry_id, entry_id) == 0)
+            return true;
+    return false;
+}
+
 static void claim_stale(struct worker *w, const char *stream, uint32_t room)
 {
     char count[16], idle[16];
@@ -637,6 +645,10 @@ static void claim_stale(struct worker *w, const char *stream, uint32_t room)
     struct pw_stream_entries *es = NULL;
     if (r->type != REDIS_REPLY_ERROR && pw_stream_parse_autoclaim(r, &es) == PW_OK) {
         for (size_t i = 0; i < es->n; i++) {
+            /* XAUTOCLAIM also returns entries this worker already runs, when a step took
+             * longer than the idle threshold: never start those twice. */
+            if (worker_owns(w, es->v[i].id))
+                continue;
             /* Deliveries so far tell the attempt: first delivery is attempt 0. */
             const char *pa[] = {"XPENDING",  stream,      PW_GROUP_ENGINES,
                                 es->v[i].id, es->v[i].id, "1"};
@@ -906,7 +918,12 @@ int engine_worker_run(struct engine *e)
             PW_LOG_INFO("event=draining in_flight=%u", engine_sched_active(e->sched));
         }
         uint64_t now = pw_clock_mono_ms();
-        if (now - w.last_hb_ms >= PW_WORKER_HEARTBEAT_MS)
+        /* Touch our entries well within the claim threshold, so a short --claim-idle-ms
+         * never lets another worker take what this one is running. */
+        uint64_t hb_every = PW_WORKER_HEARTBEAT_MS;
+        if (e->opts.claim_idle_ms && e->opts.claim_idle_ms / 3 < hb_every)
+            hb_every = e->opts.claim_idle_ms / 3 ? e->opts.claim_idle_ms / 3 : 1;
+        if (now - w.last_hb_ms >= hb_every)
             heartbeat(&w, draining ? PARKWAY__WORKER_STATE__WORKER_STATE_DRAINING
                                    : PARKWAY__WORKER_STATE__WORKER_STATE_READY);
         uint32_t free_slots = engine_sched_free_slots(e->sched);
