@@ -3,17 +3,27 @@
  *
  * Starts a private redis-server and parkway-router, registers one function and one API key,
  * and runs a fake engine thread that answers every queued request at once (XREADGROUP, one
- * ReplyChunk XADDed to the request's reply stream, XACK), so what is measured is HTTP +
- * JSON + Redis queue + reply path, not inference. The load generator is one epoll thread
- * driving N keep-alive connections, each with one request in flight (closed loop), and
- * records every request's latency.
+ * ReplyChunk XADDed to the request's reply stream, XACK) and heartbeats READY, so what is
+ * measured is HTTP + JSON + Redis queue + reply path, not inference. The load generator is
+ * one epoll thread driving N keep-alive connections, each with one request in flight (closed
+ * loop), and records every request's latency.
  *
- * Targets, for each connection count:
- *   healthz  GET /healthz: HTTP only, no Redis (the baseline)
+ * Targets, for each connection count (default 1, 16, 64, 256):
+ *   healthz  GET /healthz: HTTP only, no Redis (the floor)
+ *   raw      no HTTP: XADD pw:{fn}:q -> the same fake engine (XREADGROUP, reply XADD, XACK)
+ *            -> XREAD of a reply stream, N requests in flight from one sender connection and
+ *            one reader, like the router's own queue write and reply thread
  *   chat     POST /v1/chat/completions, non-stream, max_tokens 1, through the fake engine
- * Prints a table, then one JSON line {"bench":"router",...}.
+ *   stream   the same with "stream": true; the fake engine puts its clock (CLOCK_MONOTONIC,
+ *            read just before it flushes the reply XADDs) in the chunk's text, and the client
+ *            takes the difference when that event's bytes arrive: first_byte = reply chunk
+ *            written to Redis -> first byte of its SSE event read by the client (an upper
+ *            bound of "chunk in Redis to first byte out of the router")
+ * Then per connection count: chat p50 minus raw p50 (what the router adds) and chat req/s
+ * over raw req/s; the router's RSS before the stream runs, at the end of each (connections
+ * still open) and after. Prints the tables, then one JSON line {"bench":"router",...}.
  *
- *   bench_router [--router PATH] [--seconds S] [--conns 1,16,64] [--threads T]
+ *   bench_router [--router PATH] [--seconds S] [--conns 1,16,64,256] [--threads T]
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -23,6 +33,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -43,6 +54,7 @@
 
 #define BENCH_FN "bench"
 #define BENCH_MAX_CONNS 1024
+#define BENCH_RAW_ID "rawbench" /* names the raw client's reply stream */
 
 static int free_port(void)
 {
@@ -102,6 +114,21 @@ struct engine {
     uint64_t answered;
 };
 
+static void engine_heartbeat(redisContext *rc, const char *workers_key)
+{
+    Parkway__WorkerStatus ws = PARKWAY__WORKER_STATUS__INIT;
+    ws.worker_id = "bench-engine";
+    ws.function = BENCH_FN;
+    ws.state = PARKWAY__WORKER_STATE__WORKER_STATE_READY;
+    ws.slots_total = 256;
+    ws.last_heartbeat_unix_ms = pw_clock_wall_ms();
+    uint8_t buf[512];
+    size_t len;
+    if (pw_proto_pack_worker(&ws, buf, sizeof buf, &len, NULL) == PW_OK)
+        freeReplyObject(
+            redisCommand(rc, "HSET %s %s %b", workers_key, ws.worker_id, buf, (size_t)len));
+}
+
 static void *engine_main(void *arg)
 {
     struct engine *en = arg;
@@ -112,10 +139,16 @@ static void *engine_main(void *arg)
         redisFree(rc);
         return NULL;
     }
-    char q[PW_KEY_MAX];
+    char q[PW_KEY_MAX], wk[PW_KEY_MAX];
     pw_key_queue(q, sizeof q, BENCH_FN);
+    pw_key_workers(wk, sizeof wk, BENCH_FN);
     freeReplyObject(redisCommand(rc, "XGROUP CREATE %s %s 0 MKSTREAM", q, PW_GROUP_ENGINES));
+    uint64_t last_hb = 0;
     while (!atomic_load(&en->stop)) {
+        if (pw_clock_mono_ms() - last_hb >= 1000) {
+            engine_heartbeat(rc, wk);
+            last_hb = pw_clock_mono_ms();
+        }
         redisReply *r = redisCommand(rc, "XREADGROUP GROUP %s e COUNT 256 BLOCK 100 STREAMS %s >",
                                      PW_GROUP_ENGINES, q);
         if (!r)
@@ -123,6 +156,10 @@ static void *engine_main(void *arg)
         struct pw_stream_entries *es = NULL;
         if (r->type == REDIS_REPLY_ARRAY && pw_stream_parse_read(r, &es) == PW_OK && es->n) {
             size_t pending = 0;
+            /* One clock for the batch, read before any of it is written: a stream's
+             * first-byte time then covers the whole way from here to the client. */
+            char stamp[32];
+            snprintf(stamp, sizeof stamp, "t=%" PRIu64 ";", pw_clock_mono_ns());
             for (size_t i = 0; i < es->n; i++) {
                 const struct pw_slice *v = pw_stream_entry_get(&es->v[i], PW_STREAM_FIELD);
                 Parkway__InferenceRequest *req = NULL;
@@ -133,7 +170,7 @@ static void *engine_main(void *arg)
                 u.prompt_tokens = 5;
                 u.completion_tokens = 1;
                 ch.request_id = req->id;
-                ch.text = "ok";
+                ch.text = req->stream ? stamp : "ok";
                 ch.n_tokens = 1;
                 ch.finish_reason = PARKWAY__FINISH_REASON__FINISH_REASON_LENGTH;
                 ch.done = true;
@@ -164,22 +201,16 @@ static void *engine_main(void *arg)
     return NULL;
 }
 
-/* ---- the load generator ------------------------------------------------------------------ */
-
-struct lconn {
-    int fd;
-    uint64_t sent_ns;
-    size_t got;      /* bytes of the current response received */
-    size_t need;     /* head + Content-Length once the head is in; 0 before */
-    char buf[16384]; /* the current response */
-};
+/* ---- results ------------------------------------------------------------------------------ */
 
 struct result {
     const char *target;
     unsigned conns;
     double rps;
     double p50_us, p99_us;
+    double fb_p50_us, fb_p99_us; /* stream: reply chunk in Redis -> its first byte read */
     uint64_t n, errors;
+    long rss_end_kib; /* the router's RSS at the end of the run, connections open */
 };
 
 static int cmp_u32(const void *a, const void *b)
@@ -187,6 +218,61 @@ static int cmp_u32(const void *a, const void *b)
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
     return x < y ? -1 : x > y;
 }
+
+/* Latency samples, microseconds. */
+struct samples {
+    uint32_t *v;
+    size_t n, cap;
+};
+
+static bool samples_add(struct samples *s, uint64_t ns)
+{
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 1 << 16;
+        uint32_t *v = realloc(s->v, cap * sizeof *v);
+        if (!v)
+            return false;
+        s->v = v;
+        s->cap = cap;
+    }
+    uint64_t us = ns / 1000;
+    s->v[s->n++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    return true;
+}
+
+static void samples_pct(struct samples *s, double *p50, double *p99)
+{
+    qsort(s->v, s->n, sizeof *s->v, cmp_u32);
+    *p50 = s->n ? s->v[s->n / 2] : 0;
+    *p99 = s->n ? s->v[(size_t)((double)s->n * 0.99)] : 0;
+}
+
+static long rss_kib(pid_t pid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    long kib = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            kib = strtol(line + 6, NULL, 10);
+    if (f)
+        fclose(f);
+    return kib;
+}
+
+/* ---- the load generator ------------------------------------------------------------------ */
+
+struct lconn {
+    int fd;
+    uint64_t sent_ns;
+    size_t got;      /* bytes of the current response received */
+    size_t need;     /* head + Content-Length once the head is in; 0 before */
+    size_t head_len; /* bytes of the head, once in */
+    bool chunked;    /* the response ends with the zero-size chunk */
+    bool stamped;    /* the stream's first event has been timed */
+    char buf[16384]; /* the current response */
+};
 
 static int lconn_open(int port)
 {
@@ -208,6 +294,9 @@ static bool lconn_send(struct lconn *c, const char *req, size_t len)
     c->sent_ns = pw_clock_mono_ns();
     c->got = 0;
     c->need = 0;
+    c->head_len = 0;
+    c->chunked = false;
+    c->stamped = false;
     size_t off = 0;
     while (off < len) {
         ssize_t n = send(c->fd, req + off, len - off, MSG_NOSIGNAL);
@@ -220,22 +309,57 @@ static bool lconn_send(struct lconn *c, const char *req, size_t len)
     return true;
 }
 
+/* True when c holds a whole response; times a stream's first event on the way. */
+static bool lconn_complete(struct lconn *c, uint64_t now, bool measure, struct samples *fb)
+{
+    if (!c->head_len) {
+        char *eoh = strstr(c->buf, "\r\n\r\n");
+        if (!eoh)
+            return false;
+        c->head_len = (size_t)(eoh + 4 - c->buf);
+        char *cl = strcasestr(c->buf, "\r\ncontent-length:");
+        char *te = strcasestr(c->buf, "\r\ntransfer-encoding: chunked");
+        c->chunked = te && te < eoh;
+        size_t body = cl && cl < eoh ? strtoul(cl + 17, NULL, 10) : 0;
+        c->need = c->head_len + body;
+    }
+    if (!c->chunked)
+        return c->got >= c->need;
+    if (!c->stamped) {
+        char *t = strstr(c->buf + c->head_len, "t=");
+        char *end = t ? strchr(t, ';') : NULL;
+        if (end) {
+            uint64_t at = strtoull(t + 2, NULL, 10);
+            c->stamped = true;
+            if (measure && now > at)
+                samples_add(fb, now - at);
+        }
+    }
+    /* The zero-size chunk, in the body (the head may end in "0\r\n\r\n" too). */
+    size_t body = c->got - c->head_len;
+    const char *tail = c->buf + c->got;
+    return (body == 5 && memcmp(tail - 5, "0\r\n\r\n", 5) == 0) ||
+           (body > 5 && memcmp(tail - 7, "\r\n0\r\n\r\n", 7) == 0);
+}
+
 /* Runs the closed loop for `seconds` after `warmup_ms`; fills res. */
-static int run_load(int port, const char *target, const char *req, unsigned nconns, double seconds,
-                    int warmup_ms, struct result *res)
+static int run_load(int port, pid_t router, const char *target, const char *req, unsigned nconns,
+                    double seconds, int warmup_ms, struct result *res)
 {
     struct lconn *cs = calloc(nconns, sizeof *cs);
-    size_t cap = 1 << 20, n = 0;
-    uint32_t *lat = malloc(cap * sizeof *lat);
+    struct samples lat = {0}, fb = {0};
     int ep = epoll_create1(0);
     size_t req_len = strlen(req);
     uint64_t errors = 0;
-    if (!cs || !lat || ep < 0)
-        return -1;
+    int rc = -1;
+    if (!cs || ep < 0)
+        goto out;
+    for (unsigned i = 0; i < nconns; i++)
+        cs[i].fd = -1;
     for (unsigned i = 0; i < nconns; i++) {
         cs[i].fd = lconn_open(port);
         if (cs[i].fd < 0)
-            return -1;
+            goto out;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
         epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev);
     }
@@ -259,53 +383,175 @@ static int run_load(int port, const char *target, const char *req, unsigned ncon
                 if (r < 0 && errno == EAGAIN)
                     continue;
                 fprintf(stderr, "bench: connection lost (%s)\n", r ? strerror(errno) : "EOF");
-                return -1;
+                goto out;
             }
+            uint64_t got_ns = pw_clock_mono_ns();
             c->got += (size_t)r;
             c->buf[c->got] = '\0';
-            if (!c->need) {
-                char *eoh = strstr(c->buf, "\r\n\r\n");
-                if (!eoh)
-                    continue;
-                char *cl = strcasestr(c->buf, "\r\ncontent-length:");
-                size_t body = cl && cl < eoh ? strtoul(cl + 17, NULL, 10) : 0;
-                c->need = (size_t)(eoh + 4 - c->buf) + body;
-            }
-            if (c->got < c->need)
+            bool measure = c->sent_ns >= start;
+            if (!lconn_complete(c, got_ns, measure, &fb))
                 continue;
-            uint64_t done = pw_clock_mono_ns();
-            if (strncmp(c->buf, "HTTP/1.1 200", 12) != 0)
+            if (strncmp(c->buf, "HTTP/1.1 200", 12) != 0 || strstr(c->buf, "\"error\""))
                 errors++;
-            if (c->sent_ns >= start) {
-                if (n == cap) {
-                    cap *= 2;
-                    lat = realloc(lat, cap * sizeof *lat);
-                    if (!lat)
-                        return -1;
-                }
-                uint64_t us = (done - c->sent_ns) / 1000;
-                lat[n++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
-            }
+            if (measure && !samples_add(&lat, got_ns - c->sent_ns))
+                goto out;
             if (!lconn_send(c, req, req_len))
-                return -1;
+                goto out;
         }
     }
-    for (unsigned i = 0; i < nconns; i++)
-        close(cs[i].fd);
-    close(ep);
-    qsort(lat, n, sizeof *lat, cmp_u32);
+    res->rss_end_kib = rss_kib(router);
     res->target = target;
     res->conns = nconns;
-    res->n = n;
+    res->n = lat.n;
     res->errors = errors;
-    res->rps = n / seconds;
-    res->p50_us = n ? lat[n / 2] : 0;
-    res->p99_us = n ? lat[(size_t)((double)n * 0.99)] : 0;
-    free(lat);
+    res->rps = lat.n / seconds;
+    samples_pct(&lat, &res->p50_us, &res->p99_us);
+    samples_pct(&fb, &res->fb_p50_us, &res->fb_p99_us);
+    rc = 0;
+out:
+    for (unsigned i = 0; cs && i < nconns; i++)
+        if (cs[i].fd >= 0)
+            close(cs[i].fd);
+    if (ep >= 0)
+        close(ep);
+    free(lat.v);
+    free(fb.v);
     free(cs);
     /* Let the router see the closes before the next run. */
     sleep_ms(100);
-    return 0;
+    return rc;
+}
+
+/* ---- the raw Redis round trip -------------------------------------------------------------- */
+
+/* Queues slot's next request (pipelined on tx; the caller reads the replies). */
+static bool raw_send(redisContext *tx, const char *q, const char *reply_key, unsigned slot,
+                     uint32_t seq)
+{
+    char id[48];
+    snprintf(id, sizeof id, "raw-%u-%u", slot, seq);
+    Parkway__ChatMessage m = PARKWAY__CHAT_MESSAGE__INIT;
+    Parkway__ChatMessage *ms[] = {&m};
+    m.role = "user";
+    m.content = "hi";
+    Parkway__SamplingParams sp = PARKWAY__SAMPLING_PARAMS__INIT;
+    sp.max_tokens = 1;
+    Parkway__InferenceRequest req = PARKWAY__INFERENCE_REQUEST__INIT;
+    req.id = id;
+    req.function = BENCH_FN;
+    req.reply_to = (char *)reply_key;
+    req.kind = PARKWAY__REQUEST_KIND__REQUEST_KIND_CHAT;
+    req.n_messages = 1;
+    req.messages = ms;
+    req.sampling = &sp;
+    req.enqueued_unix_ms = pw_clock_wall_ms();
+    uint8_t buf[1024];
+    size_t len;
+    if (pw_proto_pack_request(&req, buf, sizeof buf, &len, NULL) != PW_OK)
+        return false;
+    return redisAppendCommand(tx, "XADD %s * %s %b", q, PW_STREAM_FIELD, buf, len) == REDIS_OK;
+}
+
+static bool raw_flush(redisContext *tx, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        redisReply *x = NULL;
+        if (redisGetReply(tx, (void **)&x) != REDIS_OK)
+            return false;
+        freeReplyObject(x);
+    }
+    return true;
+}
+
+/* nconns requests in flight: XADD to the function's queue, the fake engine answers, one
+ * reader XREADs the reply stream and sends the slot's next request. */
+static int run_raw(int redis_port, unsigned nconns, double seconds, int warmup_ms,
+                   struct result *res)
+{
+    struct timeval tv = {5, 0};
+    redisContext *tx = redisConnectWithTimeout("127.0.0.1", redis_port, tv);
+    redisContext *rx = redisConnectWithTimeout("127.0.0.1", redis_port, tv);
+    uint64_t *sent = calloc(nconns, sizeof *sent);
+    uint32_t *seq = calloc(nconns, sizeof *seq);
+    struct samples lat = {0};
+    int rc = -1;
+    if (!tx || tx->err || !rx || rx->err || !sent || !seq)
+        goto out;
+    int one = 1;
+    setsockopt(tx->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(rx->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char q[PW_KEY_MAX], reply_key[PW_KEY_MAX], last[PW_STREAM_ID_MAX] = "0-0";
+    pw_key_queue(q, sizeof q, BENCH_FN);
+    pw_key_reply(reply_key, sizeof reply_key, BENCH_RAW_ID);
+    freeReplyObject(redisCommand(rx, "DEL %s", reply_key));
+    for (unsigned i = 0; i < nconns; i++) {
+        sent[i] = pw_clock_mono_ns();
+        if (!raw_send(tx, q, reply_key, i, seq[i]))
+            goto out;
+    }
+    if (!raw_flush(tx, nconns))
+        goto out;
+    uint64_t start = pw_clock_mono_ns() + (uint64_t)warmup_ms * 1000000ull;
+    uint64_t end = start + (uint64_t)(seconds * 1e9);
+    while (pw_clock_mono_ns() < end) {
+        redisReply *r =
+            redisCommand(rx, "XREAD COUNT 512 BLOCK 100 STREAMS %s %s", reply_key, last);
+        if (!r)
+            goto out;
+        struct pw_stream_entries *es = NULL;
+        size_t queued = 0;
+        if (r->type == REDIS_REPLY_ARRAY && pw_stream_parse_read(r, &es) == PW_OK) {
+            uint64_t now = pw_clock_mono_ns();
+            for (size_t i = 0; i < es->n; i++) {
+                snprintf(last, sizeof last, "%s", es->v[i].id);
+                const struct pw_slice *v = pw_stream_entry_get(&es->v[i], PW_STREAM_FIELD);
+                Parkway__ReplyChunk *ch = NULL;
+                if (!v || pw_proto_unpack_reply(v->ptr, v->len, 0, &ch) != PW_OK)
+                    continue;
+                unsigned slot = 0, s = 0;
+                bool ok = sscanf(ch->request_id, "raw-%u-%u", &slot, &s) == 2 && slot < nconns &&
+                          s == seq[slot];
+                pw_proto_free_reply(ch);
+                if (!ok)
+                    continue;
+                if (sent[slot] >= start && !samples_add(&lat, now - sent[slot]))
+                    goto out_es;
+                seq[slot]++;
+                sent[slot] = pw_clock_mono_ns();
+                if (!raw_send(tx, q, reply_key, slot, seq[slot]))
+                    goto out_es;
+                queued++;
+            }
+            /* The router's reply thread trims what it has read; so does this reader. */
+            if (es->n && redisAppendCommand(tx, "XTRIM %s MINID %s", reply_key, last) == REDIS_OK)
+                queued++;
+        }
+        pw_stream_entries_free(es);
+        es = NULL;
+        freeReplyObject(r);
+        if (!raw_flush(tx, queued))
+            goto out;
+        continue;
+    out_es:
+        pw_stream_entries_free(es);
+        freeReplyObject(r);
+        goto out;
+    }
+    res->target = "raw";
+    res->conns = nconns;
+    res->n = lat.n;
+    res->rps = lat.n / seconds;
+    samples_pct(&lat, &res->p50_us, &res->p99_us);
+    rc = 0;
+out:
+    /* Let the fake engine drain what is still in flight before the next run. */
+    sleep_ms(200);
+    redisFree(tx);
+    redisFree(rx);
+    free(sent);
+    free(seq);
+    free(lat.v);
+    return rc;
 }
 
 /* ---- set-up -------------------------------------------------------------------------------- */
@@ -358,6 +604,26 @@ static bool router_ready(int port)
     return ok;
 }
 
+static double loadavg1(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f && fscanf(f, "%lf", &l) != 1)
+        l = -1;
+    if (f)
+        fclose(f);
+    return l;
+}
+
+static const struct result *find(const struct result *res, size_t n, const char *target,
+                                 unsigned conns)
+{
+    for (size_t i = 0; i < n; i++)
+        if (res[i].conns == conns && strcmp(res[i].target, target) == 0)
+            return &res[i];
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     char router_bin[4096];
@@ -367,7 +633,7 @@ int main(int argc, char **argv)
     router_bin[m] = '\0';
     char *slash = strrchr(router_bin, '/');
     snprintf(slash, 64, "/../router/parkway-router");
-    const char *router = router_bin, *conns_arg = "1,16,64", *threads = "2";
+    const char *router = router_bin, *conns_arg = "1,16,64,256", *threads = "2";
     double seconds = 3;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--router") == 0)
@@ -379,8 +645,8 @@ int main(int argc, char **argv)
         else if (strcmp(argv[i], "--threads") == 0)
             threads = argv[i + 1];
         else {
-            fprintf(stderr, "usage: bench_router [--router PATH] [--seconds S] [--conns 1,16,64] "
-                            "[--threads T]\n");
+            fprintf(stderr, "usage: bench_router [--router PATH] [--seconds S] "
+                            "[--conns 1,16,64,256] [--threads T]\n");
             return 2;
         }
     }
@@ -417,6 +683,7 @@ int main(int argc, char **argv)
     struct engine en = {.redis_port = redis_port};
     pthread_t eng;
     bool eng_started = false;
+    double load_start = loadavg1();
     for (int i = 0; i < 200 && !router_ready(http_port); i++)
         sleep_ms(25);
     if (!router_ready(http_port)) {
@@ -428,49 +695,105 @@ int main(int argc, char **argv)
         goto out;
     eng_started = true;
 
-    char chat[1024], health[128];
+    char chat[1024], stream[1024], health[128];
     static const char body[] = "{\"model\":\"" BENCH_FN "\",\"messages\":[{\"role\":\"user\","
                                "\"content\":\"hi\"}],\"max_tokens\":1}";
+    static const char sbody[] = "{\"model\":\"" BENCH_FN "\",\"messages\":[{\"role\":\"user\","
+                                "\"content\":\"hi\"}],\"max_tokens\":1,\"stream\":true}";
     snprintf(chat, sizeof chat,
              "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
              "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
              key, sizeof body - 1, body);
+    snprintf(stream, sizeof stream,
+             "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+             "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+             key, sizeof sbody - 1, sbody);
     snprintf(health, sizeof health, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
 
-    struct result res[64];
+    struct result res[128];
     size_t nres = 0;
+    unsigned conns[32];
+    size_t nconns = 0;
     char list[256];
     snprintf(list, sizeof list, "%s", conns_arg);
-    printf("%-8s %6s %10s %10s %10s %8s\n", "target", "conns", "req/s", "p50_us", "p99_us",
-           "errors");
-    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok && nres + 2 <= 64;
+    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok && nconns < 32;
          tok = strtok_r(NULL, ",", &save)) {
-        unsigned nc = (unsigned)atoi(tok);
-        if (nc < 1 || nc > BENCH_MAX_CONNS)
-            continue;
-        const char *targets[] = {"healthz", "chat"};
-        const char *reqs[] = {health, chat};
-        for (int t = 0; t < 2; t++) {
+        int nc = atoi(tok);
+        if (nc >= 1 && nc <= BENCH_MAX_CONNS)
+            conns[nconns++] = (unsigned)nc;
+    }
+    long rss_start = rss_kib(rpid), rss_before_streams = -1, rss_after = -1, rss_peak = 0;
+    printf("%-8s %6s %10s %10s %10s %8s %12s %12s\n", "target", "conns", "req/s", "p50_us",
+           "p99_us", "errors", "fb_p50_us", "fb_p99_us");
+    for (size_t ci = 0; ci < nconns; ci++) {
+        unsigned nc = conns[ci];
+        const char *targets[] = {"healthz", "raw", "chat", "stream"};
+        const char *reqs[] = {health, NULL, chat, stream};
+        for (int t = 0; t < 4; t++) {
             struct result *r = &res[nres];
-            if (run_load(http_port, targets[t], reqs[t], nc, seconds, 300, r) != 0) {
+            memset(r, 0, sizeof *r);
+            if (t == 3 && rss_before_streams < 0)
+                rss_before_streams = rss_kib(rpid);
+            int e = t == 1 ? run_raw(redis_port, nc, seconds, 300, r)
+                           : run_load(http_port, rpid, targets[t], reqs[t], nc, seconds, 300, r);
+            if (e != 0) {
                 fprintf(stderr, "bench_router: %s with %u connections failed\n", targets[t], nc);
                 goto out;
             }
-            printf("%-8s %6u %10.0f %10.0f %10.0f %8" PRIu64 "\n", r->target, r->conns, r->rps,
-                   r->p50_us, r->p99_us, r->errors);
+            if (t == 3 && r->rss_end_kib > rss_peak)
+                rss_peak = r->rss_end_kib;
+            if (t == 3)
+                printf("%-8s %6u %10.0f %10.0f %10.0f %8" PRIu64 " %12.0f %12.0f\n", r->target,
+                       r->conns, r->rps, r->p50_us, r->p99_us, r->errors, r->fb_p50_us,
+                       r->fb_p99_us);
+            else
+                printf("%-8s %6u %10.0f %10.0f %10.0f %8" PRIu64 " %12s %12s\n", r->target,
+                       r->conns, r->rps, r->p50_us, r->p99_us, r->errors, "-", "-");
             fflush(stdout);
             nres++;
         }
     }
+    rss_after = rss_kib(rpid);
+    double load_end = loadavg1();
+    printf("\n%-6s %16s %14s\n", "conns", "chat-raw_p50_us", "chat/raw_rps");
+    for (size_t ci = 0; ci < nconns; ci++) {
+        const struct result *raw = find(res, nres, "raw", conns[ci]);
+        const struct result *ch = find(res, nres, "chat", conns[ci]);
+        if (raw && ch)
+            printf("%-6u %16.0f %14.2f\n", conns[ci], ch->p50_us - raw->p50_us,
+                   raw->rps > 0 ? ch->rps / raw->rps : 0);
+    }
+    printf("\nrouter RSS KiB: start %ld, before streams %ld, peak at the end of a stream run "
+           "%ld, after %ld\nload average (1 min): %.2f at start, %.2f at end\n",
+           rss_start, rss_before_streams, rss_peak, rss_after, load_start, load_end);
+
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     printf("{\"bench\":\"router\",\"router_threads\":%s,\"cpus\":%ld,\"seconds\":%.1f,"
-           "\"results\":[",
-           threads, ncpu, seconds);
-    for (size_t i = 0; i < nres; i++)
+           "\"loadavg_start\":%.2f,\"loadavg_end\":%.2f,\"rss_kib\":{\"start\":%ld,"
+           "\"before_streams\":%ld,\"stream_peak\":%ld,\"after\":%ld},\"results\":[",
+           threads, ncpu, seconds, load_start, load_end, rss_start, rss_before_streams, rss_peak,
+           rss_after);
+    for (size_t i = 0; i < nres; i++) {
         printf("%s{\"target\":\"%s\",\"conns\":%u,\"rps\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f,"
-               "\"errors\":%" PRIu64 "}",
+               "\"errors\":%" PRIu64,
                i ? "," : "", res[i].target, res[i].conns, res[i].rps, res[i].p50_us, res[i].p99_us,
                res[i].errors);
+        if (strcmp(res[i].target, "stream") == 0)
+            printf(",\"first_byte_p50_us\":%.0f,\"first_byte_p99_us\":%.0f,\"rss_end_kib\":%ld",
+                   res[i].fb_p50_us, res[i].fb_p99_us, res[i].rss_end_kib);
+        printf("}");
+    }
+    printf("],\"overhead\":[");
+    bool first = true;
+    for (size_t ci = 0; ci < nconns; ci++) {
+        const struct result *raw = find(res, nres, "raw", conns[ci]);
+        const struct result *ch = find(res, nres, "chat", conns[ci]);
+        if (!raw || !ch)
+            continue;
+        printf("%s{\"conns\":%u,\"added_p50_us\":%.0f,\"rps_ratio\":%.2f}", first ? "" : ",",
+               conns[ci], ch->p50_us - raw->p50_us, raw->rps > 0 ? ch->rps / raw->rps : 0);
+        first = false;
+    }
     printf("]}\n");
     rc = 0;
 out:

@@ -42,6 +42,8 @@ static void usage(FILE *out)
             "                         also the cap of a request's x-parkway-timeout-ms header\n"
             "  --key-cache-ms N       how long an API-key lookup is trusted (default 5000);\n"
             "                         a revoke (pw:keys:revoked) clears it at once\n"
+            "  --max-queue N          requests a function's queue may hold unacknowledged\n"
+            "                         before new ones get 503 (default 10000; 0 = unbounded)\n"
             "  --max-body-bytes N     (default 8388608)   --max-header-bytes N (default 16384)\n"
             "  --max-connections N    (default 10000)     --idle-timeout-ms N (default 60000)\n"
             "  --header-timeout-ms N  (default 10000)\n"
@@ -76,6 +78,7 @@ int main(int argc, char **argv)
     cfg->http.port = 8080;
     cfg->request_timeout_ms = 600000;
     cfg->key_cache_ms = 5000;
+    cfg->max_queue = 10000;
     cfg->admin_key = getenv("PARKWAY_ADMIN_KEY");
 
     enum {
@@ -96,6 +99,7 @@ int main(int argc, char **argv)
         O_KEY_CACHE,
         O_STORAGE,
         O_MAX_FILE,
+        O_MAX_QUEUE,
         O_HELP,
     };
     static const struct option longopts[] = {
@@ -116,6 +120,7 @@ int main(int argc, char **argv)
         {"key-cache-ms", required_argument, NULL, O_KEY_CACHE},
         {"storage-dir", required_argument, NULL, O_STORAGE},
         {"max-file-bytes", required_argument, NULL, O_MAX_FILE},
+        {"max-queue", required_argument, NULL, O_MAX_QUEUE},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -183,6 +188,10 @@ int main(int argc, char **argv)
         case O_MAX_FILE:
             bad |= parse_num("max-file-bytes", optarg, 1ull << 40, &v);
             cfg->max_file_bytes = (size_t)v;
+            break;
+        case O_MAX_QUEUE:
+            bad |= parse_num("max-queue", optarg, 100000000, &v);
+            cfg->max_queue = (uint32_t)v;
             break;
         case O_HELP:
             usage(stdout);

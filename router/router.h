@@ -36,6 +36,8 @@ struct router_config {
     const char *admin_key;       /* guards /metrics; NULL = /metrics refused */
     uint32_t request_timeout_ms; /* deadline of a call (and of its queued request) */
     uint32_t key_cache_ms;       /* how long an API-key lookup is trusted */
+    uint32_t max_queue;          /* entries a pw:{fn}:q may hold unacknowledged before an
+                                    XADD is refused (503); 0 = unbounded */
     const char *storage_dir;     /* Files API and batch outputs (pw_storage: dir or URL) */
     size_t max_file_bytes;       /* largest upload to /v1/files (also bounded by max_body) */
     struct router_http_config http;
@@ -54,6 +56,19 @@ struct router_key {
     uint64_t expires_ms; /* mono ms */
 };
 
+/* One registered function as a worker thread sees it: refreshed from pw:functions (spec)
+ * every 2 s and from pw:{fn}:workers (engine heartbeats) every tick while calls use it. */
+struct router_fn {
+    char *name;                 /* owned */
+    uint64_t max_queue_wait_ms; /* spec max_queue_wait_ms: longest wait for a first chunk */
+    int ready;                  /* READY engines with a fresh heartbeat at the last look;
+                                   -1 = not looked at yet */
+    uint64_t looked_ms;         /* mono ms of that look */
+    uint64_t used_ms;           /* mono ms of the last call queued for it; 0 = none */
+    uint64_t woken_ms;          /* mono ms of the last PUBLISH pw:wake for it */
+    bool looking;               /* an HGETALL pw:{fn}:workers is in flight */
+};
+
 #define ROUTER_KEY_CACHE 256 /* entries per worker thread */
 #define ROUTER_CALLS_BUCKETS 1024
 
@@ -65,8 +80,8 @@ struct router_worker {
     struct pw_redis *redis;                          /* owned: commands and pub/sub on this loop */
     struct router_call *calls[ROUTER_CALLS_BUCKETS]; /* in flight, by request id hash */
     struct router_key keys[ROUTER_KEY_CACHE];        /* direct-mapped by hash */
-    char **functions;                                /* owned snapshot of pw:functions names */
-    size_t n_functions;
+    struct router_fn *fns;                           /* owned snapshot of pw:functions */
+    size_t n_fns;
     int64_t functions_created; /* unix s when first listed */
     struct event *tick;        /* 1 s: refresh functions, keep-alives, deadlines */
     uint64_t seq;              /* for request ids */
@@ -77,6 +92,7 @@ struct router {
     struct router_config cfg;
     char router_id[PW_KEY_NAME_MAX + 1];
     char reply_key[PW_KEY_MAX];      /* pw:reply:{router_id} */
+    char enqueue_sha[41];            /* SHA-1 hex of the bounded-XADD script (EVALSHA) */
     struct router_http_server *http; /* owned */
     struct router_worker *workers;   /* owned, one per HTTP thread */
     unsigned n_workers;

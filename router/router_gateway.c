@@ -2,10 +2,13 @@
  * router_gateway: the router's request handling between HTTP and Redis (see router.h).
  *
  * A call (one API request) moves through:
- *   route -> authenticate (API-key cache, else HGET pw:keys) -> rate limit (INCR per key
- *   and minute, shared by every router through Redis) -> parse (router_openai) ->
- *   enqueue (XADD pw:{fn}:q, one entry per fanned-out part) -> replies from the reply
- *   thread -> SSE chunks or one JSON body.
+ *   route -> authenticate (API-key cache, else HGET pw:keys) -> rate limits (INCR of the
+ *   key's request counter, GET of its token counter, per minute, shared by every router
+ *   through Redis) -> parse (router_openai) -> enqueue (a bounded XADD to pw:{fn}:q by a
+ *   Lua script, one entry per fanned-out part; PUBLISH pw:wake when the function has no
+ *   ready engine) -> replies from the reply thread -> SSE chunks or one JSON body.
+ * A queued call ends at its deadline (504) or, without any chunk, at its function's max
+ * queue wait (503); streams get SSE keep-alive comments while they wait.
  * Memory: a call is freed when its reference count drops to zero: one reference for the
  * HTTP side (until the terminal call) and one per Redis command in flight, so a reply that
  * arrives after the client left finds a call marked gone instead of freed memory.
@@ -19,6 +22,8 @@
 
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
+#include <jansson.h>
+#include <openssl/evp.h>
 
 #include "parkway.pb-c.h"
 #include "pw_clock.h"
@@ -31,12 +36,49 @@
 #include "router_openai.h"
 #include "router_sse.h"
 
-#define KEEPALIVE_MS 15000 /* SSE comment while a stream waits for its first token */
+#define KEEPALIVE_MS 3000  /* SSE comment on a stream idle this long (cold starts, prefill) */
 #define CANCEL_TTL_S "600" /* pw:cancel:{id} lives this long */
 #define REVOKE_CHANNEL "pw:keys:revoked"
 #define FUNCTIONS_REFRESH_MS 2000
 #define DEADLINE_HEADER "x-parkway-timeout-ms" /* a request's own deadline, ms from now */
 #define DEADLINE_HEADER_MAX_MS 86400000u
+#define QUEUE_WAIT_DEFAULT_MS 60000 /* a spec without max_queue_wait_ms (pw_spec's default) */
+#define FN_STATE_MAX_AGE_MS 2500    /* a look at pw:{fn}:workers older than this is unknown */
+#define FN_ACTIVE_MS 60000          /* functions used this recently are looked at every tick */
+#define WORKER_FRESH_MS 10000       /* a READY heartbeat older than this does not count */
+#define WAKE_MIN_MS 500             /* at most one PUBLISH pw:wake per function and thread */
+#define QUEUE_FULL_RETRY_S 1        /* Retry-After of a queue-full 503 */
+#define QUEUE_WAIT_RETRY_S 2        /* Retry-After of a max-queue-wait 503 */
+#define RATE_COUNTER_TTL_S "120"    /* per-minute counters outlive their minute */
+
+/*
+ * The bounded XADD, atomic in Redis (EVALSHA; the text again after NOSCRIPT).
+ * KEYS[1] = pw:{fn}:q; ARGV = limit, group, field, payload. Engines XACK but do not delete,
+ * so XLEN counts finished work too: it is only an upper bound of the backlog, and below the
+ * limit the script is a plain XADD. At or over it: trim what the group has acknowledged
+ * (everything older than its oldest pending entry, else than its last delivered one), then
+ * count the backlog = lag (never delivered) + pending (delivered, not acknowledged), or the
+ * trimmed XLEN when Redis cannot tell the lag (entries deleted with XDEL). Answers the new
+ * id, or the backlog as an integer when it is full: nothing accepted is ever dropped.
+ */
+static const char ENQUEUE_LUA[] =
+    "local q, limit = KEYS[1], tonumber(ARGV[1])\n"
+    "if limit > 0 and redis.call('XLEN', q) >= limit then\n"
+    "  local backlog\n"
+    "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', q)) do\n"
+    "    local f = {}\n"
+    "    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end\n"
+    "    if f['name'] == ARGV[2] then\n"
+    "      local minid = f['last-delivered-id']\n"
+    "      if f['pending'] > 0 then minid = redis.call('XPENDING', q, ARGV[2])[2] end\n"
+    "      redis.call('XTRIM', q, 'MINID', minid)\n"
+    "      if f['lag'] then backlog = f['lag'] + f['pending'] end\n"
+    "    end\n"
+    "  end\n"
+    "  backlog = backlog or redis.call('XLEN', q)\n"
+    "  if backlog >= limit then return backlog end\n"
+    "end\n"
+    "return redis.call('XADD', q, '*', ARGV[3], ARGV[4])\n";
 
 enum route {
     ROUTE_NONE = 0,
@@ -66,11 +108,19 @@ struct router_call {
     Parkway__InferenceRequest **parts;
     size_t n_parts;
     uint64_t start_ns, first_token_ns, last_token_ns;
-    uint64_t deadline_ms;   /* mono */
-    uint64_t last_write_ms; /* mono, for SSE keep-alives */
+    uint64_t deadline_ms;       /* mono */
+    uint64_t queue_deadline_ms; /* mono: no chunk by then = the function's max queue wait
+                                   passed; 0 = none, or a chunk came */
+    uint64_t last_write_ms;     /* mono, for SSE keep-alives */
     bool queue_observed;
     bool stream_started;       /* SSE headers sent */
-    struct event *deadline_ev; /* owned; fires at deadline_ms once queued */
+    struct event *deadline_ev; /* owned; fires at the first of deadline_ms and
+                                  queue_deadline_ms once queued */
+    size_t parts_queued;       /* parts Redis accepted (the SSE head waits for all) */
+    uint64_t parts_done;       /* bit k: part k's final usage is in tokens */
+    uint64_t tokens;           /* prompt + completion tokens of the finished parts (TPM) */
+    int limit_waits;           /* rate-limit answers still expected */
+    int limit_refused;         /* 0, or 1 = over rpm, 2 = over tpm */
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */
@@ -142,9 +192,12 @@ static int table_unlink(struct router_call *c)
     return 1;
 }
 
+static void count_tokens(struct router_call *c);
+
 /* The HTTP side is done: drop its reference and the table's (one free at most). */
 static void call_end(struct router_call *c)
 {
+    count_tokens(c);
     c->req = NULL;
     c->gone = true;
     c->refs -= table_unlink(c);
@@ -242,12 +295,24 @@ static void on_client_gone(struct router_http_request *req, void *ud)
 
 /* ---- functions snapshot ------------------------------------------------------------ */
 
+static struct router_fn *fn_find(const struct router_worker *w, const char *name)
+{
+    for (size_t i = 0; i < w->n_fns; i++)
+        if (strcmp(w->fns[i].name, name) == 0)
+            return &w->fns[i];
+    return NULL;
+}
+
 static bool function_known(const struct router_worker *w, const char *name)
 {
-    for (size_t i = 0; i < w->n_functions; i++)
-        if (strcmp(w->functions[i], name) == 0)
-            return true;
-    return false;
+    return fn_find(w, name) != NULL;
+}
+
+static void fns_free(struct router_fn *fns, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(fns[i].name);
+    free(fns);
 }
 
 static bool key_allows(const struct router_key *k, const char *fn)
@@ -260,32 +325,118 @@ static bool key_allows(const struct router_key *k, const char *fn)
     return false;
 }
 
+/* max_queue_wait_ms of a spec as pw_spec_to_json renders it; the spec default otherwise. */
+static uint64_t spec_queue_wait_ms(const char *json, size_t len)
+{
+    uint64_t ms = QUEUE_WAIT_DEFAULT_MS;
+    json_t *j = json_loadb(json, len, 0, NULL);
+    json_t *v = json_object_get(j, "max_queue_wait_ms");
+    if (json_is_integer(v) && json_integer_value(v) > 0)
+        ms = (uint64_t)json_integer_value(v);
+    json_decref(j);
+    return ms;
+}
+
+/* HGETALL pw:functions: [name, spec JSON, ...]. What the worker learnt about each function
+ * (engines, last use, last wake) carries over to the new snapshot. */
 static void on_functions(struct pw_redis *r, const redisReply *reply, enum pw_err err,
                          const char *errstr, void *ud)
 {
     struct router_worker *w = ud;
     if (err || !reply || reply->type != REDIS_REPLY_ARRAY)
         return;
-    char **names = calloc(reply->elements + 1, sizeof *names);
-    if (!names)
+    struct router_fn *fns = calloc(reply->elements / 2 + 1, sizeof *fns);
+    if (!fns)
         return;
     size_t n = 0;
-    for (size_t i = 0; i < reply->elements; i++) {
-        if (reply->element[i]->type == REDIS_REPLY_STRING && pw_key_name_ok(reply->element[i]->str))
-            names[n++] = strdup(reply->element[i]->str);
+    for (size_t i = 0; i + 1 < reply->elements; i += 2) {
+        const redisReply *k = reply->element[i], *v = reply->element[i + 1];
+        if (k->type != REDIS_REPLY_STRING || !pw_key_name_ok(k->str))
+            continue;
+        const struct router_fn *old = fn_find(w, k->str);
+        fns[n] = old ? *old : (struct router_fn){.ready = -1};
+        if (!(fns[n].name = strdup(k->str)))
+            continue;
+        fns[n].max_queue_wait_ms = v->type == REDIS_REPLY_STRING
+                                       ? spec_queue_wait_ms(v->str, v->len)
+                                       : QUEUE_WAIT_DEFAULT_MS;
+        n++;
     }
-    for (size_t i = 0; i < w->n_functions; i++)
-        free(w->functions[i]);
-    free(w->functions);
-    w->functions = names;
-    w->n_functions = n;
+    fns_free(w->fns, w->n_fns);
+    w->fns = fns;
+    w->n_fns = n;
     if (!w->functions_created)
         w->functions_created = pw_clock_wall_ms() / 1000;
 }
 
 static void refresh_functions(struct router_worker *w)
 {
-    pw_redis_command(w->redis, on_functions, w, "HKEYS", PW_KEY_FUNCTIONS, NULL);
+    pw_redis_command(w->redis, on_functions, w, "HGETALL", PW_KEY_FUNCTIONS, NULL);
+}
+
+/* ---- engines of a function: HGETALL pw:{fn}:workers, once per tick while in use ------- */
+
+struct look_ctx {
+    struct router_worker *w;
+    char name[PW_KEY_NAME_MAX + 1]; /* the snapshot may be replaced meanwhile */
+};
+
+static void on_workers(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                       const char *errstr, void *ud)
+{
+    struct look_ctx *lc = ud;
+    struct router_fn *fn = err == PW_ERR_CANCELLED ? NULL : fn_find(lc->w, lc->name);
+    if (fn) {
+        fn->looking = false;
+        if (!err && reply && reply->type == REDIS_REPLY_ARRAY) {
+            int64_t now = pw_clock_wall_ms();
+            int ready = 0;
+            for (size_t i = 1; i < reply->elements; i += 2) {
+                const redisReply *v = reply->element[i];
+                Parkway__WorkerStatus *ws = NULL;
+                if (v->type != REDIS_REPLY_STRING ||
+                    pw_proto_unpack_worker(v->str, v->len, 0, &ws) != PW_OK)
+                    continue;
+                if (ws->state == PARKWAY__WORKER_STATE__WORKER_STATE_READY &&
+                    ws->last_heartbeat_unix_ms + WORKER_FRESH_MS >= now)
+                    ready++;
+                pw_proto_free_worker(ws);
+            }
+            fn->ready = ready;
+            fn->looked_ms = pw_clock_mono_ms();
+        }
+    }
+    free(lc);
+}
+
+static void look_workers(struct router_worker *w, struct router_fn *fn)
+{
+    char key[PW_KEY_MAX];
+    if (fn->looking || pw_key_workers(key, sizeof key, fn->name) != PW_OK)
+        return;
+    struct look_ctx *lc = malloc(sizeof *lc);
+    if (!lc)
+        return;
+    lc->w = w;
+    snprintf(lc->name, sizeof lc->name, "%s", fn->name);
+    if (pw_redis_command(w->redis, on_workers, lc, "HGETALL", key, NULL) == PW_OK)
+        fn->looking = true;
+    else
+        free(lc);
+}
+
+/* The scaler starts or unparks an engine when told; it needs telling only when no engine is
+ * ready (its own observation of the queue catches the rest), and not for every request of
+ * a burst. An unknown or stale state counts as none ready, and is looked at again. */
+static void maybe_wake(struct router_worker *w, struct router_fn *fn, uint64_t now)
+{
+    bool known = fn->ready >= 0 && now - fn->looked_ms <= FN_STATE_MAX_AGE_MS;
+    if (!known)
+        look_workers(w, fn);
+    if ((!known || fn->ready == 0) && now - fn->woken_ms >= WAKE_MIN_MS) {
+        fn->woken_ms = now;
+        pw_redis_command(w->redis, NULL, NULL, "PUBLISH", PW_KEY_WAKE, fn->name, NULL);
+    }
 }
 
 /* ---- API keys ---------------------------------------------------------------------- */
@@ -427,30 +578,146 @@ static enum router_openai_access model_check(void *arg, const char *model)
     return ROUTER_OPENAI_MODEL_OK;
 }
 
+static void on_deadline(evutil_socket_t fd, short what, void *arg);
+
+/* Sends the SSE head once every part is queued (a full queue is still a plain 503). */
+static void stream_begin(struct router_call *c)
+{
+    if (!c->stream || c->stream_started || !c->req)
+        return;
+    struct router_http_field hdr[] = {{"content-type", "text/event-stream"},
+                                      {"cache-control", "no-cache"}};
+    router_http_stream_begin(c->req, 200, hdr, 2);
+    c->stream_started = true;
+    c->last_write_ms = pw_clock_mono_ms();
+}
+
+/* Arms the call's timer for the first of its deadline and its queue deadline. */
+static void arm_timer(struct router_call *c)
+{
+    uint64_t at = c->deadline_ms;
+    if (c->queue_deadline_ms && (!at || c->queue_deadline_ms < at))
+        at = c->queue_deadline_ms;
+    if (!at) {
+        if (c->deadline_ev)
+            evtimer_del(c->deadline_ev);
+        return;
+    }
+    if (!c->deadline_ev && !(c->deadline_ev = evtimer_new(c->w->base, on_deadline, c)))
+        return; /* the 1 s tick is the backstop */
+    uint64_t now = pw_clock_mono_ms();
+    uint64_t left = at > now ? at - now : 0;
+    struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
+    evtimer_add(c->deadline_ev, &tv);
+}
+
+/* One part's bounded XADD in flight; holds a reference on the call. */
+struct enqueue_op {
+    struct router_call *c;
+    size_t part;
+    bool eval; /* sent as EVAL with the script text */
+};
+
+static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
+                             struct router_openai_error *e);
+
 static void on_enqueued(struct pw_redis *r, const redisReply *reply, enum pw_err err,
                         const char *errstr, void *ud)
 {
-    struct router_call *c = ud;
-    if (!c->gone && (err || !reply || reply->type == REDIS_REPLY_ERROR)) {
+    struct enqueue_op *op = ud;
+    struct router_call *c = op->c;
+    struct router_openai_error e;
+    if (c->gone)
+        goto out;
+    if (reply && reply->type == REDIS_REPLY_ERROR && !op->eval &&
+        strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        /* Redis lost its script cache (restart, SCRIPT FLUSH): the text, once, caches it
+         * again for every later EVALSHA. */
+        if (send_part(c, op->part, true, &e) != PW_OK) {
+            set_cancel_flags(c);
+            finish_error(c, &e);
+        }
+        goto out;
+    }
+    if (!err && reply && reply->type == REDIS_REPLY_INTEGER) {
+        PW_LOG_WARN("event=queue_full request=%s function=%s backlog=%lld max_queue=%u", c->id,
+                    c->model, reply->integer, c->w->rt->cfg.max_queue);
+        router_openai_err_unavailable(&e, "the model's request queue is full", QUEUE_FULL_RETRY_S);
+        snprintf(e.code, sizeof e.code, "queue_full");
+        set_cancel_flags(c); /* parts already queued must not run for nobody */
+        finish_error(c, &e);
+    } else if (err || !reply || reply->type != REDIS_REPLY_STRING) {
         PW_LOG_ERROR("event=enqueue_failed request=%s err=%s", c->id,
                      reply && reply->type == REDIS_REPLY_ERROR ? reply->str
                                                                : (errstr ? errstr : "?"));
-        struct router_openai_error e;
         router_openai_err_unavailable(&e, "the request queue (Redis) is unavailable", 1);
         set_cancel_flags(c);
         finish_error(c, &e);
+    } else if (++c->parts_queued == c->n_parts) {
+        stream_begin(c);
     }
+out:
+    free(op);
     call_unref(c);
 }
 
-static void on_deadline(evutil_socket_t fd, short what, void *arg);
+static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
+                             struct router_openai_error *e)
+{
+    struct router *rt = c->w->rt;
+    char qkey[PW_KEY_MAX], limit[16];
+    if (pw_key_queue(qkey, sizeof qkey, c->model) != PW_OK) {
+        router_openai_err_model_not_found(e, c->model);
+        return PW_ERR_INVAL;
+    }
+    snprintf(limit, sizeof limit, "%u", rt->cfg.max_queue);
+    uint8_t buf[64 * 1024], *heap = NULL, *data = buf;
+    size_t len = 0;
+    const char *why = NULL;
+    if (pw_proto_pack_request(c->parts[part], buf, sizeof buf, &len, &why) != PW_OK) {
+        if (pw_proto_pack_request_alloc(c->parts[part], &heap, &len, &why) != PW_OK) {
+            router_openai_err_param(e, NULL, NULL, "request cannot be queued: %s",
+                                    why ? why : "too large");
+            return PW_ERR_TOOBIG;
+        }
+        data = heap;
+    }
+    struct enqueue_op *op = malloc(sizeof *op);
+    if (!op) {
+        free(heap);
+        router_openai_err_internal(e);
+        return PW_ERR_NOMEM;
+    }
+    *op = (struct enqueue_op){c, part, eval};
+    const char *script = eval ? ENQUEUE_LUA : rt->enqueue_sha;
+    const char *argv[] = {
+        eval ? "EVAL" : "EVALSHA", script, "1", qkey, limit, PW_GROUP_ENGINES, PW_STREAM_FIELD,
+        (const char *)data};
+    size_t lens[] = {eval ? 4 : 7,
+                     strlen(script),
+                     1,
+                     strlen(qkey),
+                     strlen(limit),
+                     strlen(PW_GROUP_ENGINES),
+                     strlen(PW_STREAM_FIELD),
+                     len};
+    c->refs++;
+    enum pw_err pe = pw_redis_command_argv(c->w->redis, 8, argv, lens, on_enqueued, op);
+    free(heap);
+    if (pe) {
+        c->refs--;
+        free(op);
+        router_openai_err_unavailable(e, "the request queue (Redis) is unavailable", 1);
+    }
+    return pe;
+}
 
 static void enqueue(struct router_call *c)
 {
     struct router_worker *w = c->w;
     struct router_openai_error e;
-    char qkey[PW_KEY_MAX];
-    if (pw_key_queue(qkey, sizeof qkey, c->model) != PW_OK) {
+    struct router_fn *fn = fn_find(w, c->model);
+    if (!fn) {
         router_openai_err_model_not_found(&e, c->model);
         finish_error(c, &e);
         return;
@@ -468,48 +735,21 @@ static void enqueue(struct router_call *c)
         return;
     }
     table_add(c);
-    if (c->deadline_ms) {
-        uint64_t now = pw_clock_mono_ms();
-        uint64_t left = c->deadline_ms > now ? c->deadline_ms - now : 0;
-        struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
-        c->deadline_ev = evtimer_new(w->base, on_deadline, c);
-        if (c->deadline_ev)
-            evtimer_add(c->deadline_ev, &tv);
-    }
+    uint64_t now = pw_clock_mono_ms();
+    /* A request no engine starts on within the function's max queue wait fails (cold
+     * start too slow, every engine busy); the call's own deadline may come first. */
+    if (fn->max_queue_wait_ms && (!c->deadline_ms || now + fn->max_queue_wait_ms < c->deadline_ms))
+        c->queue_deadline_ms = now + fn->max_queue_wait_ms;
+    arm_timer(c);
     for (size_t i = 0; i < c->n_parts; i++) {
-        uint8_t buf[64 * 1024], *heap = NULL, *data = buf;
-        size_t len = 0;
-        const char *why = NULL;
-        if (pw_proto_pack_request(c->parts[i], buf, sizeof buf, &len, &why) != PW_OK) {
-            if (pw_proto_pack_request_alloc(c->parts[i], &heap, &len, &why) != PW_OK) {
-                router_openai_err_param(&e, NULL, NULL, "request cannot be queued: %s",
-                                        why ? why : "too large");
-                finish_error(c, &e);
-                return;
-            }
-            data = heap;
-        }
-        const char *argv[] = {"XADD", qkey, "*", PW_STREAM_FIELD, (const char *)data};
-        size_t lens[] = {4, strlen(qkey), 1, strlen(PW_STREAM_FIELD), len};
-        c->refs++;
-        enum pw_err pe = pw_redis_command_argv(w->redis, 5, argv, lens, on_enqueued, c);
-        free(heap);
-        if (pe) {
-            c->refs--;
-            router_openai_err_unavailable(&e, "the request queue (Redis) is unavailable", 1);
+        if (send_part(c, i, false, &e) != PW_OK) {
+            set_cancel_flags(c); /* earlier parts may be queued */
             finish_error(c, &e);
             return;
         }
     }
-    /* The scaler starts or unparks an engine when work arrives for a function. */
-    pw_redis_command(w->redis, NULL, NULL, "PUBLISH", PW_KEY_WAKE, c->model, NULL);
-    if (c->stream) {
-        struct router_http_field hdr[] = {{"content-type", "text/event-stream"},
-                                          {"cache-control", "no-cache"}};
-        router_http_stream_begin(c->req, 200, hdr, 2);
-        c->stream_started = true;
-        c->last_write_ms = pw_clock_mono_ms();
-    }
+    fn->used_ms = now;
+    maybe_wake(w, fn, now);
     PW_LOG_INFO("event=request_queued request=%s x_request_id=%s function=%s key_id=%s parts=%zu "
                 "stream=%d",
                 c->id, c->req->request_id, c->model, c->key.key_id, c->n_parts, c->stream);
@@ -580,68 +820,135 @@ static void parse_and_enqueue(struct router_call *c)
     enqueue(c);
 }
 
-static void on_rate_count(struct pw_redis *r, const redisReply *reply, enum pw_err err,
-                          const char *errstr, void *ud)
+/* The counter key of a key's limit kind ("rl" requests, "tpm" tokens) for this minute. */
+static void rate_key(const struct router_call *c, const char *kind, char *out, size_t cap)
 {
-    struct router_call *c = ud;
-    if (c->gone) {
-        call_unref(c);
-        return;
-    }
-    /* Rate limiting fails open when Redis answers oddly: the queue write will tell. */
-    if (!err && reply && reply->type == REDIS_REPLY_INTEGER &&
-        (uint64_t)reply->integer > c->key.rpm) {
-        struct router_openai_error e;
-        int retry = 60 - (int)((pw_clock_wall_ms() / 1000) % 60);
-        router_openai_err_rate_limited(&e, "requests", NULL, c->key.rpm, retry);
-        finish_error(c, &e);
-    } else {
-        parse_and_enqueue(c);
-    }
-    call_unref(c);
-}
-
-static void limit_then_enqueue(struct router_call *c)
-{
-    if (c->key.rpm == 0) {
-        parse_and_enqueue(c);
-        return;
-    }
     /* A record without a key id still gets a counter of its own, never a shared "{}". */
     char id[PW_APIKEY_ID_LEN + 8];
     if (c->key.key_id[0])
         snprintf(id, sizeof id, "%s", c->key.key_id);
     else
         snprintf(id, sizeof id, "key_%.8s", c->key.hash_hex);
-    char key[PW_KEY_MAX + 32];
-    snprintf(key, sizeof key, "pw:rl:{%s}:%" PRId64, id, pw_clock_wall_ms() / 60000);
-    c->refs++;
-    if (pw_redis_command(c->w->redis, on_rate_count, c, "INCR", key, NULL) != PW_OK) {
-        c->refs--;
+    snprintf(out, cap, "pw:%s:{%s}:%" PRId64, kind, id, pw_clock_wall_ms() / 60000);
+}
+
+/* One answer of the limiter (INCR of the request counter, GET of the token counter; both
+ * on one connection, so they come in order). The last one decides. */
+static void rate_answer(struct router_call *c, const redisReply *reply, enum pw_err err, int kind)
+{
+    /* Rate limiting fails open when Redis answers oddly: the queue write will tell. */
+    uint64_t limit = kind == 1 ? c->key.rpm : c->key.tpm;
+    uint64_t count = 0;
+    if (!err && reply && reply->type == REDIS_REPLY_INTEGER && reply->integer > 0)
+        count = (uint64_t)reply->integer;
+    else if (!err && reply && reply->type == REDIS_REPLY_STRING)
+        count = strtoull(reply->str, NULL, 10);
+    /* Requests: this one is counted, so over means more than the limit. Tokens: the minute's
+     * finished calls are counted, so a new call waits once the limit is reached. */
+    bool over = kind == 1 ? count > limit : count >= limit;
+    if (over && !c->limit_refused)
+        c->limit_refused = kind;
+    if (--c->limit_waits > 0 || c->gone)
+        return;
+    if (c->limit_refused) {
+        struct router_openai_error e;
+        int retry = 60 - (int)((pw_clock_wall_ms() / 1000) % 60);
+        if (c->limit_refused == 1)
+            router_openai_err_rate_limited(&e, "requests", NULL, c->key.rpm, retry);
+        else
+            router_openai_err_rate_limited(&e, "tokens", NULL, c->key.tpm, retry);
+        finish_error(c, &e);
+    } else {
+        parse_and_enqueue(c);
+    }
+}
+
+static void on_rate_count(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                          const char *errstr, void *ud)
+{
+    struct router_call *c = ud;
+    rate_answer(c, reply, err, 1);
+    call_unref(c);
+}
+
+static void on_token_count(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                           const char *errstr, void *ud)
+{
+    struct router_call *c = ud;
+    rate_answer(c, reply, err, 2);
+    call_unref(c);
+}
+
+static void limit_then_enqueue(struct router_call *c)
+{
+    if (c->key.rpm == 0 && c->key.tpm == 0) {
+        parse_and_enqueue(c);
+        return;
+    }
+    char rl[PW_KEY_MAX + 32], tk[PW_KEY_MAX + 32];
+    rate_key(c, "rl", rl, sizeof rl);
+    rate_key(c, "tpm", tk, sizeof tk);
+    /* Both commands go out before either answer is read (callbacks never run inside
+     * pw_redis_command), so limit_waits is final when the first answer comes. */
+    bool ok = true;
+    c->limit_waits = 0;
+    if (c->key.rpm) {
+        c->refs++;
+        if (pw_redis_command(c->w->redis, on_rate_count, c, "INCR", rl, NULL) == PW_OK) {
+            c->limit_waits++;
+            /* After the INCR, on the same connection, so it always finds the key: an EXPIRE
+             * sent first is a no-op on the minute's first request, and that counter then
+             * lives forever. */
+            pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", rl, RATE_COUNTER_TTL_S, NULL);
+        } else {
+            c->refs--;
+            ok = false;
+        }
+    }
+    if (ok && c->key.tpm) {
+        c->refs++;
+        if (pw_redis_command(c->w->redis, on_token_count, c, "GET", tk, NULL) == PW_OK) {
+            c->limit_waits++;
+        } else {
+            c->refs--;
+            ok = false;
+        }
+    }
+    if (!ok) {
+        /* An answer already asked for finds the call gone and decides nothing. */
         struct router_openai_error e;
         router_openai_err_unavailable(&e, "the rate limiter (Redis) is unavailable", 1);
         finish_error(c, &e);
-        return;
     }
-    /* After the INCR, on the same connection, so it always finds the key: an EXPIRE sent
-     * first is a no-op on the minute's first request, and that counter then lives forever. */
-    pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", key, "120", NULL);
+}
+
+/* Adds a finished call's tokens to its key's minute (TPM); at most one command per call. */
+static void count_tokens(struct router_call *c)
+{
+    if (!c->key.tpm || !c->tokens)
+        return;
+    char tk[PW_KEY_MAX + 32], n[24];
+    rate_key(c, "tpm", tk, sizeof tk);
+    snprintf(n, sizeof n, "%" PRIu64, c->tokens);
+    pw_redis_command(c->w->redis, NULL, NULL, "INCRBY", tk, n, NULL);
+    pw_redis_command(c->w->redis, NULL, NULL, "EXPIRE", tk, RATE_COUNTER_TTL_S, NULL);
+    c->tokens = 0;
 }
 
 static void list_models(struct router_call *c)
 {
     struct router_worker *w = c->w;
-    struct router_openai_model *ms = calloc(w->n_functions + 1, sizeof *ms);
+    struct router_openai_model *ms = calloc(w->n_fns + 1, sizeof *ms);
     size_t n = 0;
     char *body = NULL;
     size_t len = 0;
     struct router_openai_error e;
-    for (size_t i = 0; ms && i < w->n_functions; i++) {
-        if (!key_allows(&c->key, w->functions[i]))
+    for (size_t i = 0; ms && i < w->n_fns; i++) {
+        if (!key_allows(&c->key, w->fns[i].name))
             continue;
-        if (c->route == ROUTE_MODEL && strcmp(c->model, w->functions[i]) != 0)
+        if (c->route == ROUTE_MODEL && strcmp(c->model, w->fns[i].name) != 0)
             continue;
-        ms[n++] = (struct router_openai_model){w->functions[i], w->functions_created, "parkway"};
+        ms[n++] = (struct router_openai_model){w->fns[i].name, w->functions_created, "parkway"};
     }
     enum pw_err pe;
     if (c->route == ROUTE_MODEL) {
@@ -743,6 +1050,19 @@ static void deliver_chunk(void *arg)
     struct router_call *c = table_find(pc->w, base);
     if (!c || c->gone || !c->req)
         goto out;
+    if (c->queue_deadline_ms) {
+        /* An engine took it: only the call's own deadline is left. */
+        c->queue_deadline_ms = 0;
+        arm_timer(c);
+    }
+    /* A part's final usage counts once toward the key's tokens per minute. */
+    unsigned part = dot ? (unsigned)strtoul(dot + 1, NULL, 10) : 0;
+    if (ch->done && ch->usage && part < c->n_parts && part < 64 &&
+        !(c->parts_done & (1ull << part))) {
+        c->parts_done |= 1ull << part;
+        c->tokens += (uint64_t)ch->usage->prompt_tokens + ch->usage->completion_tokens;
+    }
+    stream_begin(c); /* a chunk may overtake the queue write's answer */
     observe_tokens(c, ch);
     bool finished = false;
     if (c->stream) {
@@ -876,13 +1196,47 @@ static void call_deadline(struct router_call *c)
     finish_error(c, &e);
 }
 
+/* No chunk within the function's max queue wait: no engine started on the request (a cold
+ * start that takes too long, or every engine busy). Nothing ran, so a retry is safe: 503
+ * with Retry-After (the OpenAI SDKs retry it), not the 504 of a deadline. */
+static void call_queue_wait(struct router_call *c)
+{
+    const struct router_fn *fn = fn_find(c->w, c->model);
+    PW_LOG_WARN("event=queue_wait_exceeded request=%s function=%s max_queue_wait_ms=%" PRIu64,
+                c->id, c->model, fn ? fn->max_queue_wait_ms : 0);
+    struct router_openai_error e;
+    router_openai_err_unavailable(&e,
+                                  "no engine took the request within the model's max queue "
+                                  "wait",
+                                  QUEUE_WAIT_RETRY_S);
+    snprintf(e.code, sizeof e.code, "queue_wait_exceeded");
+    set_cancel_flags(c);
+    finish_error(c, &e);
+}
+
+/* Ends the call if its queue deadline or deadline passed; true if it did. */
+static bool call_check_time(struct router_call *c, uint64_t now)
+{
+    if (!c->req)
+        return false;
+    if (c->queue_deadline_ms && now >= c->queue_deadline_ms) {
+        call_queue_wait(c);
+        return true;
+    }
+    if (c->deadline_ms && now >= c->deadline_ms) {
+        call_deadline(c);
+        return true;
+    }
+    return false;
+}
+
 /* The call's own timer: a deadline is met to the millisecond, not at the next 1 s tick
  * (which stays as a backstop). The timer holds no reference: call_unref frees it. */
 static void on_deadline(evutil_socket_t fd, short what, void *arg)
 {
     struct router_call *c = arg;
-    if (c->req)
-        call_deadline(c);
+    if (c->req && !call_check_time(c, pw_clock_mono_ms()))
+        arm_timer(c); /* woke a little early */
 }
 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
@@ -890,15 +1244,20 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     struct router_worker *w = arg;
     uint64_t now = pw_clock_mono_ms();
     static const uint64_t refresh_every = FUNCTIONS_REFRESH_MS / 1000;
-    if (refresh_every == 0 || (now / 1000) % refresh_every == 0 || w->n_functions == 0)
+    if (refresh_every == 0 || (now / 1000) % refresh_every == 0 || w->n_fns == 0)
         refresh_functions(w);
+    /* Engines of the functions in use, so a call knows whether to wake the scaler. */
+    for (size_t i = 0; i < w->n_fns; i++)
+        if (w->fns[i].used_ms && now - w->fns[i].used_ms < FN_ACTIVE_MS)
+            look_workers(w, &w->fns[i]);
     for (unsigned b = 0; b < ROUTER_CALLS_BUCKETS; b++) {
         struct router_call *c = w->calls[b];
         while (c) {
             struct router_call *next = c->next;
-            if (c->req && c->deadline_ms && now >= c->deadline_ms) {
-                call_deadline(c);
-            } else if (c->req && c->stream && now - c->last_write_ms >= KEEPALIVE_MS) {
+            if (!call_check_time(c, now) && c->req && c->stream_started &&
+                now - c->last_write_ms >= KEEPALIVE_MS) {
+                /* Proxies and clients time out an idle response: while the call waits for
+                 * an engine (cold start, queue) or a first token, say it is alive. */
                 struct router_sse_buf buf;
                 router_sse_buf_init(&buf);
                 if (router_sse_comment(&buf, "keep-alive") == PW_OK)
@@ -1043,9 +1402,9 @@ static void workers_free(struct router *rt)
         if (w->tick)
             event_free(w->tick);
         pw_redis_destroy(w->redis);
-        for (size_t k = 0; k < w->n_functions; k++)
-            free(w->functions[k]);
-        free(w->functions);
+        fns_free(w->fns, w->n_fns);
+        w->fns = NULL;
+        w->n_fns = 0;
         for (size_t k = 0; k < ROUTER_KEY_CACHE; k++)
             key_clear(&w->keys[k]);
     }
@@ -1060,6 +1419,15 @@ enum pw_err router_start(struct router *rt, char *err, size_t errcap)
         snprintf(err, errcap, "router id %s: use 1-128 of [A-Za-z0-9._-]", rt->router_id);
         return PW_ERR_CONFIG;
     }
+    /* EVALSHA names the script by its SHA-1, as Redis computes it. */
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+    if (!EVP_Digest(ENQUEUE_LUA, sizeof ENQUEUE_LUA - 1, md, &md_len, EVP_sha1(), NULL) ||
+        md_len != 20) {
+        snprintf(err, errcap, "cannot hash the enqueue script");
+        return PW_ERR_INTERNAL;
+    }
+    pw_hex_encode(md, md_len, rt->enqueue_sha);
     rt->metrics = pw_metrics_create();
     if (!rt->metrics)
         return PW_ERR_NOMEM;

@@ -3,7 +3,11 @@
  *
  *   parkway-scaler --redis URL [--functions DIR] [--provider local|exec]
  *                  [--provider-config FILE] [--engine PATH] [--tick-ms N]
- *                  [--leave-instances]
+ *                  [--leave-instances] [--engine-arg ARG]...
+ *
+ * --engine-arg ARG (repeatable) appends ARG to every engine command line the local
+ * provider runs, e.g. --engine-arg=--claim-idle-ms=3000 (tests: reclaim a killed engine's
+ * requests sooner) or --engine-arg=--threads=2.
  *
  * SIGTERM/SIGINT: stop observing, terminate every instance this scaler started (local
  * engines drain and exit; exec instances get the terminate hook), wait for them up to
@@ -37,7 +41,9 @@ static void usage(FILE *out)
                  "  --engine PATH          parkway-engine to run (default: next to this program,\n"
                  "                         ../engine/parkway-engine)\n"
                  "  --tick-ms N            observation period (default 250)\n"
-                 "  --leave-instances      on SIGTERM, leave replicas running\n");
+                 "  --leave-instances      on SIGTERM, leave replicas running\n"
+                 "  --engine-arg ARG       local: append ARG to each engine's command line\n"
+                 "                         (repeatable; e.g. --engine-arg=--claim-idle-ms=3000)\n");
 }
 
 static void on_tick(evutil_socket_t fd, short what, void *arg)
@@ -134,7 +140,17 @@ int main(int argc, char **argv)
     s.opts.functions_dir = "functions";
     s.opts.provider = "local";
     s.opts.tick_ms = SCALER_TICK_MS;
-    enum { O_REDIS = 256, O_FUNCTIONS, O_PROVIDER, O_PCONF, O_ENGINE, O_TICK, O_LEAVE, O_HELP };
+    enum {
+        O_REDIS = 256,
+        O_FUNCTIONS,
+        O_PROVIDER,
+        O_PCONF,
+        O_ENGINE,
+        O_TICK,
+        O_LEAVE,
+        O_EARG,
+        O_HELP
+    };
     static const struct option longopts[] = {
         {"redis", required_argument, NULL, O_REDIS},
         {"functions", required_argument, NULL, O_FUNCTIONS},
@@ -143,6 +159,7 @@ int main(int argc, char **argv)
         {"engine", required_argument, NULL, O_ENGINE},
         {"tick-ms", required_argument, NULL, O_TICK},
         {"leave-instances", no_argument, NULL, O_LEAVE},
+        {"engine-arg", required_argument, NULL, O_EARG},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -177,6 +194,14 @@ int main(int argc, char **argv)
         }
         case O_LEAVE:
             s.opts.leave_instances = true;
+            break;
+        case O_EARG:
+            if (s.opts.n_engine_args >= SCALER_ENGINE_ARGS_MAX) {
+                fprintf(stderr, "parkway-scaler: --engine-arg: at most %d\n",
+                        SCALER_ENGINE_ARGS_MAX);
+                return 2;
+            }
+            s.opts.engine_args[s.opts.n_engine_args++] = optarg;
             break;
         case O_HELP:
             usage(stdout);
@@ -227,6 +252,8 @@ int main(int argc, char **argv)
         .children = s.children,
         .redis_url = s.opts.redis_url,
         .engine_path = s.engine_path,
+        .engine_args = s.opts.engine_args,
+        .n_engine_args = s.opts.n_engine_args,
         .on_event = scaler_on_provider_event,
         .userdata = &s,
     };

@@ -40,6 +40,8 @@ struct scaler_children;
 #define SCALER_EVENTS_MAXLEN 10000
 /* Specs and groups are registered again every this many ticks (Redis may have restarted). */
 #define SCALER_REGISTER_EVERY_TICKS 40
+/* Most --engine-arg options. */
+#define SCALER_ENGINE_ARGS_MAX 16
 /* On SIGTERM, wait at most this long for instances to terminate, ms. */
 #define SCALER_STOP_TIMEOUT_MS 40000
 
@@ -52,6 +54,8 @@ struct scaler_opts {
     const char *engine_path;     /* --engine; default ../engine/parkway-engine next to us */
     uint32_t tick_ms;            /* --tick-ms; default SCALER_TICK_MS */
     bool leave_instances;        /* --leave-instances: on SIGTERM do not terminate replicas */
+    const char *engine_args[SCALER_ENGINE_ARGS_MAX]; /* --engine-arg, in order (argv strings) */
+    size_t n_engine_args;
 };
 
 /* ---- one replica of one function ---- */

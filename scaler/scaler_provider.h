@@ -98,6 +98,8 @@ struct scaler_provider_env {
     struct scaler_children *children; /* child-process watcher on base */
     const char *redis_url;            /* the engines' --redis */
     const char *engine_path;          /* parkway-engine to run (local; passed to hooks) */
+    const char *const *engine_args;   /* local: extra engine arguments, appended in order */
+    size_t n_engine_args;
     scaler_provider_event_cb on_event;
     void *userdata;
 };

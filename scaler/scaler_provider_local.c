@@ -1,7 +1,8 @@
 /*
  * scaler_provider_local: engines as child processes on this machine (the embedded default).
  *
- *   provision  start `parkway-engine --spec F --redis URL --worker-id ID`;
+ *   provision  start `parkway-engine --spec F --redis URL --worker-id ID [extra args]`
+ *              (extra args: the scaler's --engine-arg options, env.engine_args);
  *   drain      SIGTERM: the engine stops reading its stream, finishes what it holds,
  *              deletes its heartbeat and exits 0 (engine_worker.c);
  *   park       drain if not yet, wait for the exit, then keep the model file resident in
@@ -42,6 +43,7 @@
 
 #define LOCAL_KILL_MS 30000       /* terminate: SIGKILL this long after SIGTERM */
 #define LOCAL_PARK_KILL_MS 120000 /* park: the drain may finish a long answer first */
+#define LOCAL_ARGV_MAX 32         /* engine argv: 7 fixed, the env's extra ones, NULL */
 
 enum local_op {
     LOCAL_OP_NONE = 0,
@@ -197,8 +199,17 @@ static void on_engine_exit(struct scaler_child *c, const struct scaler_child_res
 static enum pw_err engine_start(struct local_inst *li)
 {
     struct scaler_provider *p = &li->lp->base;
-    char *argv[] = {(char *)p->env.engine_path, "--spec",      li->spec->origin, "--redis",
-                    (char *)p->env.redis_url,   "--worker-id", li->base.id,      NULL};
+    char *argv[LOCAL_ARGV_MAX] = {(char *)p->env.engine_path,
+                                  "--spec",
+                                  (char *)li->spec->origin,
+                                  "--redis",
+                                  (char *)p->env.redis_url,
+                                  "--worker-id",
+                                  li->base.id};
+    size_t argc = 7;
+    for (size_t i = 0; i < p->env.n_engine_args && argc + 1 < LOCAL_ARGV_MAX; i++)
+        argv[argc++] = (char *)p->env.engine_args[i];
+    argv[argc] = NULL;
     struct scaler_child_opts o = {
         .name = li->base.id,
         .argv = argv,

@@ -21,6 +21,7 @@ static const struct command commands[] = {
     {"up", parkway_cmd_up, "run the whole stack on this machine"},
     {"fn", parkway_cmd_fn, "validate or show function specs"},
     {"keys", parkway_cmd_keys, "create, list or revoke API keys"},
+    {"batch", parkway_cmd_batch, "offline batch jobs (Files and Batches APIs)"},
     {"simulate", parkway_cmd_simulate, "replay a request trace against scaling policies"},
 };
 

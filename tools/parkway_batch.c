@@ -24,9 +24,8 @@
 
 #include <jansson.h>
 
+#include "parkway_cli.h"
 #include "pw_clock.h"
-
-int parkway_cmd_batch(int argc, char **argv);
 
 #define BATCH_RESPONSE_MAX (512u * 1024u * 1024u) /* largest response body accepted */
 

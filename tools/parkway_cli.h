@@ -16,6 +16,9 @@ int parkway_cmd_fn(int argc, char **argv);
 /* parkway keys create|list|revoke: API keys (tools/parkway_keys.c). */
 int parkway_cmd_keys(int argc, char **argv);
 
+/* parkway batch submit|status|list|cancel|results: batch jobs (tools/parkway_batch.c). */
+int parkway_cmd_batch(int argc, char **argv);
+
 /* parkway simulate: replay a request trace against scaling policies (tools/parkway_simulate.c,
  * declared with the simulator in scaler/scaler_sim.h). */
 int parkway_cmd_simulate(int argc, char **argv);

@@ -18,7 +18,7 @@ struct parkway_stack_opts {
     char functions_dir[PATH_MAX];
     int router_port; /* on 127.0.0.1 */
     int redis_port;  /* own redis-server on 127.0.0.1:port; 0 = a unix socket in the state dir */
-    char redis_url[PATH_MAX + 16]; /* what every process connects to; set by
+    char redis_url[PATH_MAX + 32]; /* what every process connects to; set by
                                       parkway_stack_prepare_dirs unless given (--redis) */
     bool external_redis;           /* --redis URL: use that server, start none */
 };

@@ -260,8 +260,10 @@ int parkway_cmd_up(int argc, char **argv)
     bool have_router = !redis_only && exe_exists(router_exe);
     bool have_scaler = !redis_only && exe_exists(scaler_exe);
     if (have_router) {
-        char *a[] = {router_exe,  "--redis", redis_url, "--listen",
-                     "127.0.0.1", "--port",  port_s,    NULL};
+        char files_dir[PATH_MAX];
+        snprintf(files_dir, sizeof files_dir, "%s/files", up.opts.state_dir);
+        char *a[] = {router_exe, "--redis", redis_url,       "--listen", "127.0.0.1",
+                     "--port",   port_s,    "--storage-dir", files_dir,  NULL};
         if (spawn(&up, "router", a, NULL))
             goto fail;
     }

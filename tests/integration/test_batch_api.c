@@ -529,7 +529,7 @@ static void test_cancel_keeps_finished_lines(void **state)
 {
     (void)state;
     char fid[128], bid[128], path[256];
-    char *lines = chat_lines(60, 200, "c-");
+    char *lines = chat_lines(60, 100, "c-");
     assert_int_equal(upload(g_key_a, lines, fid, sizeof fid, NULL, 0), 200);
     free(lines);
     create_batch(g_key_a, fid, bid, sizeof bid);
@@ -586,7 +586,7 @@ static void restart_mid_batch(bool engine, bool router)
 {
     char fid[128], bid[128];
     const char *prefix = engine && router ? "rb-" : engine ? "re-" : "rr-";
-    char *lines = chat_lines(40, 200, prefix);
+    char *lines = chat_lines(40, 100, prefix);
     assert_int_equal(upload(g_key_a, lines, fid, sizeof fid, NULL, 0), 200);
     free(lines);
     create_batch(g_key_a, fid, bid, sizeof bid);

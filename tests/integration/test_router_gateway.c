@@ -113,9 +113,21 @@ static void seed_functions(void)
     }
 }
 
+/* Stores a new key's record with both limits; key and hex as make_key. */
+static void make_key_limits(char key[PW_APIKEY_LEN + 1], char *hex, const char *tenant,
+                            const char *const *fns, size_t n_fns, uint32_t rpm, uint32_t tpm,
+                            bool disabled);
+
 /* Stores a new key's record; returns the key in key, its hash hex in hex (may be NULL). */
 static void make_key(char key[PW_APIKEY_LEN + 1], char *hex, const char *tenant,
                      const char *const *fns, size_t n_fns, uint32_t rpm, bool disabled)
+{
+    make_key_limits(key, hex, tenant, fns, n_fns, rpm, 0, disabled);
+}
+
+static void make_key_limits(char key[PW_APIKEY_LEN + 1], char *hex, const char *tenant,
+                            const char *const *fns, size_t n_fns, uint32_t rpm, uint32_t tpm,
+                            bool disabled)
 {
     uint8_t hash[PW_APIKEY_HASH_LEN];
     char h[PW_APIKEY_HASH_HEX_LEN + 1], id[PW_APIKEY_ID_LEN + 1];
@@ -130,6 +142,7 @@ static void make_key(char key[PW_APIKEY_LEN + 1], char *hex, const char *tenant,
     rec.allowed_functions = (char **)fns;
     rec.n_allowed_functions = n_fns;
     rec.rpm_limit = rpm;
+    rec.tpm_limit = tpm;
     rec.disabled = disabled;
     rec.created_unix_ms = pw_clock_wall_ms();
     uint8_t buf[4096];
@@ -1382,6 +1395,378 @@ static void test_deadline_header(void **state)
     hc_close(h);
 }
 
+/* ---- bounded queue, cold functions, tokens per minute --------------------------------- */
+
+/* Registers fn with a spec and its engines' group; a router sees it at its next snapshot
+ * (at start, then every 2 s). */
+static void register_fn(const char *fn, const char *spec_json)
+{
+    freeReplyObject(rcmd("HSET %s %s %s", PW_KEY_FUNCTIONS, fn, spec_json));
+    char q[PW_KEY_MAX];
+    assert_int_equal(pw_key_queue(q, sizeof q, fn), PW_OK);
+    freeReplyObject(rcmd("XGROUP CREATE %s %s 0 MKSTREAM", q, PW_GROUP_ENGINES));
+}
+
+/* Waits until every worker thread of the router at port knows fn. */
+static void wait_fn_visible(int port, const char *fn)
+{
+    char path[256];
+    snprintf(path, sizeof path, "/v1/models/%s", fn);
+    int ok = 0;
+    for (int i = 0; i < 400 && ok < 8; i++) {
+        struct hresp r;
+        http_do(port, "GET", path, g_key, NULL, NULL, &r);
+        ok = r.status == 200 ? ok + 1 : 0; /* new connections land on either thread */
+        resp_free(&r);
+        if (ok < 8)
+            sleep_ms(10);
+    }
+    assert_int_equal(ok, 8);
+}
+
+static const char *chat_for(const char *fn, bool stream)
+{
+    static char body[512];
+    snprintf(body, sizeof body,
+             "{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+             "\"max_tokens\":5%s}",
+             fn, stream ? ",\"stream\":true" : "");
+    return body;
+}
+
+static long long stream_len(const char *fn)
+{
+    char q[PW_KEY_MAX];
+    assert_int_equal(pw_key_queue(q, sizeof q, fn), PW_OK);
+    redisReply *r = rcmd("XLEN %s", q);
+    assert_non_null(r);
+    long long n = r->integer;
+    freeReplyObject(r);
+    return n;
+}
+
+/* A connection subscribed to pw:wake. */
+static redisContext *wake_sub_open(void)
+{
+    struct timeval tv = {10, 0};
+    redisContext *s = redisConnectWithTimeout("127.0.0.1", g_redis.port, tv);
+    assert_non_null(s);
+    assert_int_equal(s->err, 0);
+    redisSetTimeout(s, tv);
+    redisReply *r = redisCommand(s, "SUBSCRIBE %s", PW_KEY_WAKE);
+    assert_non_null(r);
+    freeReplyObject(r);
+    return s;
+}
+
+/* The payload of the next pw:wake message, into out. */
+static void wake_next(redisContext *s, char *out, size_t cap)
+{
+    redisReply *r = NULL;
+    assert_int_equal(redisGetReply(s, (void **)&r), REDIS_OK);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(r->elements, 3);
+    snprintf(out, cap, "%s", r->element[2]->str);
+    freeReplyObject(r);
+}
+
+/* Publishes a marker and reads up to it; returns how many messages for fn came before. */
+static int wakes_until_marker(redisContext *s, const char *fn)
+{
+    static int seq;
+    char marker[32], got[160];
+    snprintf(marker, sizeof marker, "marker-%d", ++seq);
+    freeReplyObject(rcmd("PUBLISH %s %s", PW_KEY_WAKE, marker));
+    int n = 0;
+    for (;;) {
+        wake_next(s, got, sizeof got);
+        if (strcmp(got, marker) == 0)
+            return n;
+        n += strcmp(got, fn) == 0;
+    }
+}
+
+/* An engine's heartbeat entry in pw:{fn}:workers, as engine_worker writes it. */
+static void engine_heartbeat(const char *fn, const char *worker_id, Parkway__WorkerState st)
+{
+    Parkway__WorkerStatus ws = PARKWAY__WORKER_STATUS__INIT;
+    ws.worker_id = (char *)worker_id;
+    ws.function = (char *)fn;
+    ws.state = st;
+    ws.slots_total = 1;
+    ws.last_heartbeat_unix_ms = pw_clock_wall_ms();
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(pw_proto_pack_worker_alloc(&ws, &buf, &len, NULL), PW_OK);
+    char key[PW_KEY_MAX];
+    assert_int_equal(pw_key_workers(key, sizeof key, fn), PW_OK);
+    freeReplyObject(rcmd("HSET %s %s %b", key, worker_id, buf, len));
+    free(buf);
+}
+
+static void test_queue_full_gives_503(void **state)
+{
+    (void)state;
+    register_fn("fnq", "{}");
+    struct router_proc rp = {0};
+    const char *extra[] = {"--max-queue", "2"};
+    router_start(&rp, extra, 2);
+    wait_fn_visible(rp.port, "fnq");
+    const char *body = chat_for("fnq", false);
+    struct hconn *a = hc_open(rp.port), *b = hc_open(rp.port), *c = NULL;
+    assert_true(hc_request(a, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    assert_true(hc_request(b, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    for (int i = 0; i < 200 && stream_len("fnq") < 2; i++)
+        sleep_ms(10);
+    assert_int_equal(stream_len("fnq"), 2);
+
+    /* Two waiting: the third is refused, with a retry hint, and nothing is added. */
+    struct hresp r;
+    char ra[16];
+    http_do(rp.port, "POST", "/v1/chat/completions", g_key, NULL, body, &r);
+    assert_error(&r, 503, "server_error", "queue_full", NULL);
+    assert_true(resp_header(&r, "retry-after", ra, sizeof ra));
+    assert_true(atoi(ra) >= 1);
+    resp_free(&r);
+    /* A stream is refused the same way, before any SSE head. */
+    http_do(rp.port, "POST", "/v1/chat/completions", g_key, NULL, chat_for("fnq", true), &r);
+    assert_error(&r, 503, "server_error", "queue_full", NULL);
+    resp_free(&r);
+    assert_int_equal(stream_len("fnq"), 2);
+
+    /* Nothing accepted was dropped; an acknowledged entry stops counting (it is trimmed). */
+    Parkway__InferenceRequest *req = engine_take("fnq", 2000);
+    assert_non_null(req);
+    engine_answer_hello(req);
+    pw_proto_free_request(req);
+    assert_true(hc_read(a, &r));
+    assert_int_equal(r.status, 200);
+    resp_free(&r);
+    c = hc_open(rp.port);
+    body = chat_for("fnq", false);
+    assert_true(hc_request(c, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    struct hconn *order[] = {b, c};
+    for (int i = 0; i < 2; i++) {
+        req = engine_take("fnq", 2000);
+        assert_non_null(req);
+        engine_answer_hello(req);
+        pw_proto_free_request(req);
+        assert_true(hc_read(order[i], &r));
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+    }
+    hc_close(a);
+    hc_close(b);
+    hc_close(c);
+    router_stop(&rp);
+}
+
+static void test_cold_function_waits_with_keepalives(void **state)
+{
+    (void)state;
+    register_fn("fncold", "{\"max_queue_wait_ms\":20000}");
+    wait_fn_visible(g_router.port, "fncold");
+    redisContext *sub = wake_sub_open();
+    const char *body = chat_for("fncold", true);
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    uint64_t t0 = pw_clock_mono_ms();
+    assert_true(hc_request(h, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    /* No engine is ready: the scaler is told. */
+    char got[160];
+    wake_next(sub, got, sizeof got);
+    assert_string_equal(got, "fncold");
+    struct hresp r;
+    assert_true(hc_read_head(h, &r));
+    assert_int_equal(r.status, 200);
+    r.body = calloc(1, 1);
+    /* While it waits, comments keep proxies and clients from timing out. */
+    while (!strstr(r.body, ": keep-alive"))
+        assert_true(hc_read_chunk(h, &r) > 0);
+    uint64_t waited = pw_clock_mono_ms() - t0;
+    assert_true(waited >= 2500 && waited < 6000);
+    assert_null(strstr(r.body, "data:"));
+    /* The engine comes up late and serves the request from the queue. */
+    Parkway__InferenceRequest *req = engine_take("fncold", 2000);
+    assert_non_null(req);
+    engine_answer_hello(req);
+    pw_proto_free_request(req);
+    long n;
+    while ((n = hc_read_chunk(h, &r)) > 0)
+        ;
+    assert_int_equal(n, 0);
+    char *ev[64], text[256];
+    size_t ne = sse_events(r.body, ev, 64);
+    const char *finish;
+    json_t *uc;
+    sse_collect(ev, ne, text, sizeof text, &finish, &uc);
+    assert_string_equal(text, "Hello");
+    assert_string_equal(ev[ne - 1], "[DONE]");
+    resp_free(&r);
+    hc_close(h);
+    redisFree(sub);
+}
+
+static void test_wake_only_without_ready_engine(void **state)
+{
+    (void)state;
+    register_fn("fnwarm", "{}");
+    wait_fn_visible(g_router.port, "fnwarm");
+    engine_heartbeat("fnwarm", "w1", PARKWAY__WORKER_STATE__WORKER_STATE_READY);
+    redisContext *sub = wake_sub_open();
+    /* One connection: one worker thread, one view of the engines. */
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    const char *body = chat_for("fnwarm", false);
+    struct hresp r;
+    for (int round = 0; round < 3; round++) {
+        if (round == 2) {
+            /* The engine is gone: the next look (every tick) sees none ready. */
+            char key[PW_KEY_MAX];
+            pw_key_workers(key, sizeof key, "fnwarm");
+            freeReplyObject(rcmd("DEL %s", key));
+            sleep_ms(1500);
+        } else {
+            sleep_ms(700); /* past the first look and the wake interval */
+            engine_heartbeat("fnwarm", "w1", PARKWAY__WORKER_STATE__WORKER_STATE_READY);
+        }
+        int before = wakes_until_marker(sub, "fnwarm");
+        (void)before; /* round 0 may wake: the router had not looked yet */
+        assert_true(hc_request(h, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+        Parkway__InferenceRequest *req = engine_take("fnwarm", 2000);
+        assert_non_null(req);
+        engine_answer_hello(req);
+        pw_proto_free_request(req);
+        assert_true(hc_read(h, &r));
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+        int wakes = wakes_until_marker(sub, "fnwarm");
+        if (round == 1)
+            assert_int_equal(wakes, 0); /* a ready engine: no wake */
+        if (round == 2)
+            assert_int_equal(wakes, 1);
+    }
+    hc_close(h);
+    redisFree(sub);
+}
+
+static void test_queue_wait_exceeded(void **state)
+{
+    (void)state;
+    register_fn("fnwait", "{\"max_queue_wait_ms\":500}");
+    wait_fn_visible(g_router.port, "fnwait");
+    engine_drain("fnwait");
+    struct hresp r;
+    char ra[16];
+    uint64_t t0 = pw_clock_mono_ms();
+    http_do(g_router.port, "POST", "/v1/chat/completions", g_key, NULL, chat_for("fnwait", false),
+            &r);
+    uint64_t took = pw_clock_mono_ms() - t0;
+    assert_error(&r, 503, "server_error", "queue_wait_exceeded", NULL);
+    assert_true(resp_header(&r, "retry-after", ra, sizeof ra));
+    assert_true(took >= 450 && took < 1500);
+    resp_free(&r);
+    /* It stays queued, flagged so an engine that takes it drops it. */
+    Parkway__InferenceRequest *req = engine_take("fnwait", 1000);
+    assert_non_null(req);
+    assert_true(cancel_flag_set(req->id, 2000));
+    pw_proto_free_request(req);
+
+    /* A stream has its head already: the error is its last event, with no [DONE]. */
+    const char *body = chat_for("fnwait", true);
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    t0 = pw_clock_mono_ms();
+    assert_true(hc_request(h, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    assert_true(hc_read(h, &r));
+    took = pw_clock_mono_ms() - t0;
+    assert_int_equal(r.status, 200);
+    assert_true(took >= 450 && took < 1500);
+    assert_non_null(strstr(r.body, "data: {\"error\""));
+    assert_non_null(strstr(r.body, "queue_wait_exceeded"));
+    assert_null(strstr(r.body, "[DONE]"));
+    resp_free(&r);
+    hc_close(h);
+    req = engine_take("fnwait", 1000);
+    assert_non_null(req);
+    assert_true(cancel_flag_set(req->id, 2000));
+    pw_proto_free_request(req);
+}
+
+/* The queue write names its script by SHA-1: a Redis that lost its script cache gets the
+ * text again, and the request goes through. */
+static void test_script_cache_flush_is_survived(void **state)
+{
+    (void)state;
+    engine_drain(FN);
+    freeReplyObject(rcmd("SCRIPT FLUSH"));
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    struct hresp r;
+    for (int i = 0; i < 2; i++) {
+        assert_true(hc_request(h, "POST", "/v1/chat/completions", g_key, NULL, CHAT_BODY,
+                               strlen(CHAT_BODY)));
+        Parkway__InferenceRequest *req = engine_take(FN, 5000);
+        assert_non_null(req);
+        engine_answer_hello(req);
+        pw_proto_free_request(req);
+        assert_true(hc_read(h, &r));
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+    }
+    hc_close(h);
+}
+
+static void test_tokens_per_minute_429(void **state)
+{
+    (void)state;
+    engine_drain(FN);
+    char key[PW_APIKEY_LEN + 1];
+    make_key_limits(key, NULL, "acme", NULL, 0, 0, 10, false);
+    uint8_t hash[PW_APIKEY_HASH_LEN];
+    char id[PW_APIKEY_ID_LEN + 1];
+    pw_apikey_hash(key, strlen(key), hash);
+    pw_apikey_id(hash, id);
+    avoid_minute_edge(15);
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    struct hresp r;
+    /* 9 tokens each (7 prompt + 2 completion): the second call starts under the limit of 10
+     * and ends over it. */
+    for (int i = 0; i < 2; i++) {
+        assert_true(
+            hc_request(h, "POST", "/v1/chat/completions", key, NULL, CHAT_BODY, strlen(CHAT_BODY)));
+        Parkway__InferenceRequest *req = engine_take(FN, 5000);
+        assert_non_null(req);
+        engine_answer_hello(req);
+        pw_proto_free_request(req);
+        assert_true(hc_read(h, &r));
+        assert_int_equal(r.status, 200);
+        resp_free(&r);
+    }
+    assert_true(
+        hc_request(h, "POST", "/v1/chat/completions", key, NULL, CHAT_BODY, strlen(CHAT_BODY)));
+    assert_true(hc_read(h, &r));
+    assert_error(&r, 429, "tokens", "rate_limit_exceeded", NULL);
+    char ra[16];
+    assert_true(resp_header(&r, "retry-after", ra, sizeof ra));
+    assert_true(atoi(ra) >= 1 && atoi(ra) <= 60);
+    resp_free(&r);
+    assert_null(engine_take(FN, 1));
+    hc_close(h);
+    char tk[128];
+    snprintf(tk, sizeof tk, "pw:tpm:{%s}:%lld", id, (long long)(pw_clock_wall_ms() / 60000));
+    redisReply *t = rcmd("GET %s", tk);
+    assert_non_null(t);
+    assert_int_equal(t->type, REDIS_REPLY_STRING);
+    assert_int_equal(atoi(t->str), 18);
+    freeReplyObject(t);
+    t = rcmd("TTL %s", tk);
+    assert_true(t->integer > 0 && t->integer <= 120);
+    freeReplyObject(t);
+}
+
 /* Regression: a start-up failure after the workers existed joined a reply thread that was
  * never started. */
 static void test_bad_redis_url_exits_2(void **state)
@@ -1480,6 +1865,12 @@ int main(void)
         cmocka_unit_test(test_deadline_gives_504_and_cancel),
         cmocka_unit_test(test_rate_counter_expires_after_one_request),
         cmocka_unit_test(test_deadline_header),
+        cmocka_unit_test(test_queue_full_gives_503),
+        cmocka_unit_test(test_cold_function_waits_with_keepalives),
+        cmocka_unit_test(test_wake_only_without_ready_engine),
+        cmocka_unit_test(test_queue_wait_exceeded),
+        cmocka_unit_test(test_tokens_per_minute_429),
+        cmocka_unit_test(test_script_cache_flush_is_survived),
         cmocka_unit_test(test_bad_redis_url_exits_2),
         cmocka_unit_test(test_redis_down_then_back),
     };
