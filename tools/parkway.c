@@ -19,7 +19,7 @@ struct command {
 
 static const struct command commands[] = {
     {"up", parkway_cmd_up, "run the whole stack on this machine"},
-    {"fn", parkway_cmd_fn, "validate or show function specs"},
+    {"fn", parkway_cmd_fn, "validate, show, list (ls) or tail (events) functions"},
     {"keys", parkway_cmd_keys, "create, list or revoke API keys"},
     {"batch", parkway_cmd_batch, "offline batch jobs (Files and Batches APIs)"},
     {"simulate", parkway_cmd_simulate, "replay a request trace against scaling policies"},
