@@ -615,13 +615,12 @@ static double loadavg1(void)
     return l;
 }
 
-static const struct result *find(const struct result *res, size_t n, const char *target,
-                                 unsigned conns)
+/* The run of target (0 healthz, 1 raw, 2 chat, 3 stream) at the ci-th connection count:
+ * each count runs the four in order, so a count given twice is measured twice. */
+static const struct result *run_of(const struct result *res, size_t nres, size_t ci, int target)
 {
-    for (size_t i = 0; i < n; i++)
-        if (res[i].conns == conns && strcmp(res[i].target, target) == 0)
-            return &res[i];
-    return NULL;
+    size_t i = ci * 4 + (size_t)target;
+    return i < nres ? &res[i] : NULL;
 }
 
 int main(int argc, char **argv)
@@ -757,8 +756,7 @@ int main(int argc, char **argv)
     double load_end = loadavg1();
     printf("\n%-6s %16s %14s\n", "conns", "chat-raw_p50_us", "chat/raw_rps");
     for (size_t ci = 0; ci < nconns; ci++) {
-        const struct result *raw = find(res, nres, "raw", conns[ci]);
-        const struct result *ch = find(res, nres, "chat", conns[ci]);
+        const struct result *raw = run_of(res, nres, ci, 1), *ch = run_of(res, nres, ci, 2);
         if (raw && ch)
             printf("%-6u %16.0f %14.2f\n", conns[ci], ch->p50_us - raw->p50_us,
                    raw->rps > 0 ? ch->rps / raw->rps : 0);
@@ -786,8 +784,7 @@ int main(int argc, char **argv)
     printf("],\"overhead\":[");
     bool first = true;
     for (size_t ci = 0; ci < nconns; ci++) {
-        const struct result *raw = find(res, nres, "raw", conns[ci]);
-        const struct result *ch = find(res, nres, "chat", conns[ci]);
+        const struct result *raw = run_of(res, nres, ci, 1), *ch = run_of(res, nres, ci, 2);
         if (!raw || !ch)
             continue;
         printf("%s{\"conns\":%u,\"added_p50_us\":%.0f,\"rps_ratio\":%.2f}", first ? "" : ",",

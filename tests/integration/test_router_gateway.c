@@ -1515,11 +1515,15 @@ static void test_queue_full_gives_503(void **state)
     wait_fn_visible(rp.port, "fnq");
     const char *body = chat_for("fnq", false);
     struct hconn *a = hc_open(rp.port), *b = hc_open(rp.port), *c = NULL;
-    assert_true(hc_request(a, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
-    assert_true(hc_request(b, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
-    for (int i = 0; i < 200 && stream_len("fnq") < 2; i++)
-        sleep_ms(10);
-    assert_int_equal(stream_len("fnq"), 2);
+    /* One after the other, so the queue's order is known (a, then b). */
+    struct hconn *ab[] = {a, b};
+    for (int k = 0; k < 2; k++) {
+        assert_true(
+            hc_request(ab[k], "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+        for (int i = 0; i < 500 && stream_len("fnq") < k + 1; i++)
+            sleep_ms(10);
+        assert_int_equal(stream_len("fnq"), k + 1);
+    }
 
     /* Two waiting: the third is refused, with a retry hint, and nothing is added. */
     struct hresp r;
