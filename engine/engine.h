@@ -5,6 +5,8 @@
  *   offline  `parkway-engine --model F.gguf --prompt "..."`: generate once, print, exit;
  *   worker   `parkway-engine --spec functions/x.yaml --redis URL`: join the function's
  *            consumer group and serve InferenceRequests until SIGTERM (engine_worker.c).
+ *            SIGUSR1 parks it (take nothing new, finish what runs, heartbeat PARKED, sleep
+ *            with everything loaded), SIGUSR2 unparks it (reads again at once).
  * Both drive the same scheduler (engine_sched) over the same model and tokenizer.
  *
  * Threads: the main thread owns everything below; the CPU backend has its own compute
@@ -32,6 +34,7 @@ struct engine_opts {
     const char *redis_url;     /* worker mode */
     const char *worker_id;     /* default: host-pid */
     uint32_t claim_idle_ms;    /* claim pending entries idle this long (dead worker); 0 = 15 s */
+    bool start_parked;         /* worker mode: load, then wait parked until SIGUSR2 */
     const char *chat_template; /* override: chatml, llama2, llama3, mistral, zephyr */
     int threads;               /* compute threads; 0 = one per online CPU */
     uint32_t max_batch;        /* sequences decoded together */

@@ -7,19 +7,36 @@
  *      in-flight entries (min-idle 0, JUSTID) so their idle time stays low;
  *   2. claim entries whose idle time passed PW_WORKER_STALE_MS: their worker stopped
  *      heartbeating (XAUTOCLAIM); they run again with attempt = deliveries - 1;
- *   3. with free slots and not draining: XREADGROUP on the interactive stream pw:{fn}:q;
- *      only when it has nothing, on the batch lane pw:{fn}:b, leaving one slot free for
- *      interactive work (when max_batch > 1); blocking up to 1 s on both only when idle;
+ *   3. with free slots and not draining or parking: XREADGROUP on the interactive stream
+ *      pw:{fn}:q; only when it has nothing, on the batch lane pw:{fn}:b, leaving one slot
+ *      free for interactive work (when max_batch > 1); blocking up to PW_WORKER_BLOCK_MS
+ *      on both only when idle;
  *   4. check cancel flags (pw:cancel:{id}) and deadlines of what runs;
  *   5. one scheduler step; its callbacks queue ReplyChunks (XADD to each reply_to);
  *   6. flush the pipeline; XACK each request after its last chunk is written.
  * SIGTERM/SIGINT: stop reading, finish what runs, remove the heartbeat, exit 0.
  * A request that cannot be served (malformed, too long, past its deadline) gets an error
  * chunk when it names a reply stream, and is acknowledged; the worker goes on.
+ *
+ * Parked mode (the scaler's cheap idle state; docs/internals/scaler.md):
+ *   SIGUSR1  park: read nothing new and claim nothing (steps 2-3 stop), finish what runs
+ *            (heartbeat DRAINING meanwhile), then heartbeat PARKED and sleep in poll() on
+ *            a self-pipe, waking for each heartbeat (every second, so the scaler sees it
+ *            alive) or a signal. Model, tokenizer, KV cache (and its prefix cache) and
+ *            scheduler stay as they are; weights stay mapped.
+ *   SIGUSR2  unpark: heartbeat READY and read at once (the signal wakes the poll).
+ *   --start-parked begins parked (pre-warm). The last of SIGUSR1/SIGUSR2 wins.
+ * Delivery: Redis hands an entry only to a consumer inside XREADGROUP. A parked worker
+ * issues none, and a blocking one (at most PW_WORKER_BLOCK_MS; hiredis retries a read
+ * interrupted by a signal, so a signal cannot cut it short) is always waited out and
+ * whatever it returns is served before the park completes. So no entry is ever pending
+ * on a parked worker.
  */
 #include <errno.h>
 #include <hiredis/hiredis.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +60,8 @@
 #define PW_WORKER_STALE_MS 15000        /* entry idle this long: its worker is gone */
 #define PW_WORKER_REPLY_MAXLEN "100000" /* reply streams are trimmed to about this */
 #define PW_WORKER_MAX_CHOICES 8
+/* XREADGROUP BLOCK while idle: also the longest a park waits for the read to end. */
+#define PW_WORKER_BLOCK_MS "250"
 
 struct worker;
 struct worker_req;
@@ -92,11 +111,34 @@ struct worker {
 };
 
 static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t park_wanted; /* 1 after SIGUSR1 (or --start-parked), 0 after SIGUSR2 */
+static int wake_fd[2] = {-1, -1};         /* self-pipe: a signal wakes the parked sleep */
 
 static void on_signal(int sig)
 {
-    (void)sig;
-    stop_requested = 1;
+    int saved = errno;
+    if (sig == SIGUSR1)
+        park_wanted = 1;
+    else if (sig == SIGUSR2)
+        park_wanted = 0;
+    else
+        stop_requested = 1;
+    if (wake_fd[1] >= 0) {
+        ssize_t n = write(wake_fd[1], "", 1); /* full pipe: a wake-up is pending anyway */
+        (void)n;
+    }
+    errno = saved;
+}
+
+/* Sleeps up to ms, or until a signal writes to the self-pipe; empties the pipe. */
+static void wait_wake(uint64_t ms)
+{
+    struct pollfd pfd = {.fd = wake_fd[0], .events = POLLIN};
+    if (poll(&pfd, 1, ms > PW_WORKER_HEARTBEAT_MS ? PW_WORKER_HEARTBEAT_MS : (int)ms) > 0) {
+        char buf[64];
+        while (read(wake_fd[0], buf, sizeof buf) > 0)
+            ;
+    }
 }
 
 /* ---- Redis plumbing ---------------------------------------------------------------- */
@@ -670,8 +712,8 @@ static void claim_stale(struct worker *w, const char *stream, uint32_t room)
 
 /*
  * XREADGROUP of new entries: from stream with COUNT room, or (block) from both streams
- * waiting up to 1 s, COUNT 1 each (the next loop reads the rest without blocking; the
- * batch lane only when batch_room > 0). Returns the entries taken.
+ * waiting up to PW_WORKER_BLOCK_MS, COUNT 1 each (the next loop reads the rest without blocking;
+ * the batch lane only when batch_room > 0). Returns the entries taken.
  */
 static uint32_t read_new(struct worker *w, const char *stream, uint32_t room, bool block,
                          uint32_t batch_room_now)
@@ -688,7 +730,7 @@ static uint32_t read_new(struct worker *w, const char *stream, uint32_t room, bo
     argv[argc++] = count;
     if (block) {
         argv[argc++] = "BLOCK";
-        argv[argc++] = "1000";
+        argv[argc++] = PW_WORKER_BLOCK_MS;
     }
     argv[argc++] = "STREAMS";
     if (block && batch_room_now > 0) {
@@ -880,10 +922,20 @@ int engine_worker_run(struct engine *e)
     }
     e->opts.model_path = model_path;
 
+    /* Before the load (which takes a while): a park or unpark signal sent meanwhile must be
+     * recorded, not kill the process (their default action). */
+    park_wanted = e->opts.start_parked;
+    if (pipe2(wake_fd, O_CLOEXEC | O_NONBLOCK) != 0) {
+        fprintf(stderr, "parkway-engine: pipe: %s\n", strerror(errno));
+        pw_spec_destroy(w.spec);
+        return 1;
+    }
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGUSR2, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     struct engine_sched_cb cb = {.on_token = on_token, .on_finish = on_finish};
@@ -911,24 +963,53 @@ int engine_worker_run(struct engine *e)
                 w.key_q, e->opts.max_batch);
 
     uint64_t last_claim = 0;
-    bool draining = false;
+    bool draining = false; /* SIGTERM: finish and exit */
+    enum { MODE_ACTIVE, MODE_PARKING, MODE_PARKED } mode = MODE_ACTIVE;
+    uint64_t parked_since = pw_clock_mono_ms();
+    if (park_wanted) {
+        mode = MODE_PARKED; /* --start-parked, or SIGUSR1 during the load */
+        PW_LOG_INFO("event=parked requests_done=0");
+    }
+    /* Touch our entries well within the claim threshold, so a short --claim-idle-ms never
+     * lets another worker take what this one is running. */
+    uint64_t hb_every = PW_WORKER_HEARTBEAT_MS;
+    if (e->opts.claim_idle_ms && e->opts.claim_idle_ms / 3 < hb_every)
+        hb_every = e->opts.claim_idle_ms / 3 ? e->opts.claim_idle_ms / 3 : 1;
     while (!w.redis_broken) {
         if (stop_requested && !draining) {
             draining = true;
             PW_LOG_INFO("event=draining in_flight=%u", engine_sched_active(e->sched));
         }
+        /* Mode changes heartbeat at once: the scaler waits for them. */
+        if (park_wanted && mode == MODE_ACTIVE) {
+            mode = MODE_PARKING;
+            w.last_hb_ms = 0;
+            PW_LOG_INFO("event=parking in_flight=%u", engine_sched_active(e->sched));
+        } else if (!park_wanted && mode != MODE_ACTIVE) {
+            if (mode == MODE_PARKED)
+                PW_LOG_INFO("event=unparked parked_ms=%llu",
+                            (unsigned long long)(pw_clock_mono_ms() - parked_since));
+            mode = MODE_ACTIVE;
+            w.last_hb_ms = 0;
+        }
         uint64_t now = pw_clock_mono_ms();
-        /* Touch our entries well within the claim threshold, so a short --claim-idle-ms
-         * never lets another worker take what this one is running. */
-        uint64_t hb_every = PW_WORKER_HEARTBEAT_MS;
-        if (e->opts.claim_idle_ms && e->opts.claim_idle_ms / 3 < hb_every)
-            hb_every = e->opts.claim_idle_ms / 3 ? e->opts.claim_idle_ms / 3 : 1;
-        if (now - w.last_hb_ms >= hb_every)
-            heartbeat(&w, draining ? PARKWAY__WORKER_STATE__WORKER_STATE_DRAINING
-                                   : PARKWAY__WORKER_STATE__WORKER_STATE_READY);
+        if (mode == MODE_PARKED && !draining) {
+            /* No XREADGROUP is outstanding: nothing can be delivered to us. */
+            if (w.last_hb_ms == 0 || now - w.last_hb_ms >= hb_every) {
+                heartbeat(&w, PARKWAY__WORKER_STATE__WORKER_STATE_PARKED);
+                flush_pipeline(&w);
+                continue;
+            }
+            wait_wake(hb_every - (now - w.last_hb_ms));
+            continue;
+        }
+        if (w.last_hb_ms == 0 || now - w.last_hb_ms >= hb_every)
+            heartbeat(&w, draining || mode == MODE_PARKING
+                              ? PARKWAY__WORKER_STATE__WORKER_STATE_DRAINING
+                              : PARKWAY__WORKER_STATE__WORKER_STATE_READY);
         uint32_t free_slots = engine_sched_free_slots(e->sched);
         uint32_t waiting = choices_waiting(&w);
-        if (!draining && waiting == 0 && free_slots > 0) {
+        if (!draining && mode == MODE_ACTIVE && waiting == 0 && free_slots > 0) {
             if (now - last_claim >= PW_WORKER_HEARTBEAT_MS) {
                 last_claim = now;
                 claim_stale(&w, w.key_q, free_slots);
@@ -942,7 +1023,9 @@ int engine_worker_run(struct engine *e)
                 uint32_t got = read_new(&w, w.key_q, free_slots, false, 0);
                 if (got == 0 && broom > 0)
                     got = read_new(&w, w.key_b, broom, false, 0);
-                if (got == 0 && engine_sched_active(e->sched) == 0)
+                /* A park signal during the block is seen when it returns; what it
+                 * returned is served before the park completes. */
+                if (got == 0 && engine_sched_active(e->sched) == 0 && !park_wanted)
                     read_new(&w, w.key_q, free_slots, true, broom);
             }
         }
@@ -956,6 +1039,13 @@ int engine_worker_run(struct engine *e)
         reap(&w);
         if (draining && !w.reqs)
             break;
+        if (mode == MODE_PARKING && !w.reqs) {
+            /* Everything answered and acknowledged (the flush above wrote the XACKs). */
+            mode = MODE_PARKED;
+            parked_since = pw_clock_mono_ms();
+            w.last_hb_ms = 0;
+            PW_LOG_INFO("event=parked requests_done=%llu", (unsigned long long)w.requests_done);
+        }
     }
     if (w.redis_broken) {
         /* Unacknowledged requests stay pending in Redis and are claimed by another engine. */
@@ -978,5 +1068,10 @@ out:
         redisFree(w.rc);
     engine_unload(e);
     pw_spec_destroy(w.spec);
+    for (int i = 0; i < 2; i++) {
+        if (wake_fd[i] >= 0)
+            close(wake_fd[i]);
+        wake_fd[i] = -1;
+    }
     return rc;
 }

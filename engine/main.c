@@ -33,6 +33,9 @@ static void usage(FILE *out)
             "  --worker-id ID         default: host-pid\n"
             "  --claim-idle-ms N      take over requests pending this long on a silent\n"
             "                         worker (default 15000)\n"
+            "  --start-parked         load, then wait parked (take no work) until SIGUSR2;\n"
+            "                         SIGUSR1 parks a running worker (it finishes what it\n"
+            "                         holds first), SIGUSR2 unparks it\n"
             "common:\n"
             "  --model FILE           GGUF model (overrides the spec's)\n"
             "  --threads N            compute threads (default: one per CPU)\n"
@@ -107,6 +110,7 @@ int main(int argc, char **argv)
         O_TEMPLATE,
         O_HELP,
         O_CLAIM_IDLE,
+        O_START_PARKED,
     };
     static const struct option longopts[] = {
         {"model", required_argument, NULL, O_MODEL},
@@ -133,6 +137,7 @@ int main(int argc, char **argv)
         {"chat-template", required_argument, NULL, O_TEMPLATE},
         {"help", no_argument, NULL, O_HELP},
         {"claim-idle-ms", required_argument, NULL, O_CLAIM_IDLE},
+        {"start-parked", no_argument, NULL, O_START_PARKED},
         {NULL, 0, NULL, 0},
     };
     int opt, bad = 0;
@@ -156,6 +161,9 @@ int main(int argc, char **argv)
             break;
         case O_CHAT:
             o->chat = true;
+            break;
+        case O_START_PARKED:
+            o->start_parked = true;
             break;
         case O_IGNORE_EOS:
             o->ignore_eos = true;

@@ -40,7 +40,8 @@ enum scaler_inst_state {
     SCALER_INST_PROVISIONING = 0, /* provision running */
     SCALER_INST_RUNNING,          /* machine and engine process up */
     SCALER_INST_DRAINING,         /* engine told to stop taking work */
-    SCALER_INST_PARKED,           /* stopped, resumable (disk and model kept) */
+    SCALER_INST_PARKED,           /* takes no work, resumable (disk and model kept; local:
+                                     the engine process itself, idle) */
     SCALER_INST_TERMINATED,       /* released */
     SCALER_INST_FAILED,           /* an operation failed or the engine died; see detail */
 };
@@ -138,8 +139,10 @@ struct scaler_provider {
 
 /*
  * The local provider: engines as child processes of the scaler on this machine; one offer
- * ("local", price 0) with the machine's real cores, memory and GPU. Park = drain and exit,
- * model file kept in the page cache (see docs/internals/scaler.md).
+ * ("local", price 0) with the machine's real cores, memory and GPU. Park = the engine's own
+ * parked mode (SIGUSR1: it drains, then keeps everything loaded and reads nothing; SIGUSR2
+ * resumes it), complete when its heartbeat says PARKED (see docs/internals/scaler.md).
+ * It opens its own Redis client on env->base for that; a bad URL is PW_ERR_CONFIG.
  */
 enum pw_err scaler_provider_local_create(const struct scaler_provider_env *env,
                                          struct scaler_provider **out, char *errbuf, size_t errcap);

@@ -3,23 +3,33 @@
  *
  *   provision  start `parkway-engine --spec F --redis URL --worker-id ID [extra args]`
  *              (extra args: the scaler's --engine-arg options, env.engine_args);
- *   drain      SIGTERM: the engine stops reading its stream, finishes what it holds,
- *              deletes its heartbeat and exits 0 (engine_worker.c);
- *   park       drain if not yet, wait for the exit, then keep the model file resident in
- *              the page cache with a "pin" process (mmap + MADV_WILLNEED + mlock, then
- *              pause) so the next start reads no disk;
- *   unpark     start the engine again (warm page cache), then drop the pin;
- *   terminate  SIGTERM, SIGKILL after LOCAL_KILL_MS; drop the pin.
+ *   drain      SIGUSR1: the engine stops reading its streams and claiming, finishes what it
+ *              holds, then parks itself (engine_worker.c); reported at once;
+ *   park       SIGUSR1 if the drain did not send it; completes when the engine's heartbeat
+ *              says PARKED (written after the signal): the process stays, model mapped,
+ *              tokenizer, KV cache and scheduler allocated, heartbeating every second,
+ *              holding no stream entry and issuing no read;
+ *   unpark     SIGUSR2: the engine reads at once; reported at once (READY comes from its
+ *              heartbeat, as after a provision);
+ *   terminate  SIGTERM (a parked engine exits at once), SIGKILL after LOCAL_KILL_MS.
  *
- * Why not SIGSTOP to park: a worker blocked in XREADGROUP BLOCK is registered with Redis;
- * an entry that arrives while the process is stopped is still delivered to it and becomes
- * pending on a consumer that cannot run, stranded until another engine's stale-claim
- * (15 s). A stopped worker also stops heartbeating. Draining to exit keeps at-least-once
- * delivery exact: a parked replica holds no entries. docs/internals/scaler.md has the
- * measured cost (unpark from a warm cache vs provision from a cold one).
+ * Fallback, parked without a process: when the engine exits during a park (killed by the
+ * park deadline, LOCAL_PARK_KILL_MS, or stopped by someone else), the replica is parked
+ * with the model file kept in the page cache by a "pin" process (mmap + MADV_WILLNEED +
+ * mlock, then pause); unpark then starts a fresh engine, reading no disk.
  *
- * Engines are in their own process group with PR_SET_PDEATHSIG(SIGTERM): when the scaler
- * dies, they drain and exit too. Runs on the scaler's loop thread.
+ * Why not SIGSTOP: a worker blocked in XREADGROUP BLOCK is registered with Redis; an entry
+ * that arrives while the process is stopped is still delivered to it and stays pending on a
+ * consumer that cannot run until another engine's stale-claim (15 s). The engine's own
+ * parked mode issues no read while parked, and finishes whatever its last read returned
+ * before it reports PARKED: a parked replica holds no entries (docs/internals/scaler.md).
+ *
+ * The park/unpark signals are only sent once the engine catches them (SigCgt of
+ * /proc/PID/status), since their default action would kill an engine still starting.
+ * Park completion is read from Redis (HGET of the heartbeat, every LOCAL_POLL_MS, on the
+ * provider's own async client). Engines are in their own process group with
+ * PR_SET_PDEATHSIG(SIGTERM): when the scaler dies, they drain and exit too. Runs on the
+ * scaler's loop thread.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,13 +46,18 @@
 
 #include <event2/event.h>
 
+#include "parkway.pb-c.h"
 #include "pw_clock.h"
+#include "pw_keyspace.h"
 #include "pw_log.h"
+#include "pw_proto.h"
+#include "pw_redis.h"
 #include "scaler_child.h"
 #include "scaler_provider.h"
 
 #define LOCAL_KILL_MS 30000       /* terminate: SIGKILL this long after SIGTERM */
 #define LOCAL_PARK_KILL_MS 120000 /* park: the drain may finish a long answer first */
+#define LOCAL_POLL_MS 50          /* park: heartbeat poll and pending-signal retry period */
 #define LOCAL_ARGV_MAX 32         /* engine argv: 7 fixed, the env's extra ones, NULL */
 
 enum local_op {
@@ -57,20 +72,28 @@ enum local_op {
 struct local_provider {
     struct scaler_provider base; /* first */
     struct scaler_offer offer;   /* the machine */
+    struct pw_redis *redis;      /* owned: reads engine heartbeats (park completion) */
 };
 
 struct local_inst {
     struct scaler_instance base; /* first */
     struct local_provider *lp;
-    const struct pw_spec *spec;  /* borrowed from the scaler until release */
-    struct scaler_child *engine; /* running engine process, or NULL */
-    bool term_sent;              /* SIGTERM sent to the current engine */
-    enum local_op op;            /* operation waiting for its report */
-    enum pw_err op_err;          /* its result, for the deferred report */
-    struct event *ev_report;     /* zero-delay timer: reports never run inside the call */
-    struct event *ev_kill;       /* SIGKILL deadline after SIGTERM */
-    pid_t pin_pid;               /* process holding the model in memory; 0 = none */
-    char model_path[PATH_MAX];   /* resolved like the engine does */
+    const struct pw_spec *spec;   /* borrowed from the scaler until release */
+    struct scaler_child *engine;  /* running engine process, or NULL */
+    bool term_sent;               /* SIGTERM sent to the current engine */
+    enum local_op op;             /* operation waiting for its report */
+    enum pw_err op_err;           /* its result, for the deferred report */
+    struct event *ev_report;      /* zero-delay timer: reports never run inside the call */
+    struct event *ev_kill;        /* SIGKILL deadline after SIGTERM */
+    struct event *ev_poll;        /* LOCAL_POLL_MS timer: pending signal, park completion */
+    int sig_want;                 /* SIGUSR1/SIGUSR2 to send once the engine catches it; 0 */
+    int64_t park_sent_ms;         /* wall time SIGUSR1 went to the current engine; 0 = not
+                                     since its start or last unpark */
+    bool hget_out;                /* a heartbeat HGET is in flight (its callback holds li) */
+    bool released;                /* release came while hget_out: the callback frees li */
+    pid_t pin_pid;                /* process holding the model in memory; 0 = none */
+    char key_workers[PW_KEY_MAX]; /* pw:{fn}:workers */
+    char model_path[PATH_MAX];    /* resolved like the engine does */
 };
 
 static enum scaler_provider_ev op_event(enum local_op op)
@@ -223,6 +246,8 @@ static enum pw_err engine_start(struct local_inst *li)
         return err;
     }
     li->term_sent = false;
+    li->sig_want = 0;
+    li->park_sent_ms = 0;
     snprintf(li->base.address, sizeof li->base.address, "pid %d",
              (int)scaler_child_pid(li->engine));
     PW_LOG_INFO("event=engine_started replica=%s function=%s pid=%d", li->base.id,
@@ -254,17 +279,132 @@ static void engine_stop(struct local_inst *li, uint32_t kill_after_ms)
     evtimer_add(li->ev_kill, &tv);
 }
 
+/* ---- parked mode: signals and the heartbeat ----------------------------------------- */
+
+/* True when pid has a handler for sig (SigCgt of /proc/PID/status). Without /proc, true:
+ * the engine installs its handlers before it loads, long before any park. */
+static bool engine_catches(pid_t pid, int sig)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return true;
+    bool yes = false;
+    unsigned long long mask = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "SigCgt: %llx", &mask) == 1) {
+            yes = (mask >> (sig - 1)) & 1u;
+            break;
+        }
+    }
+    fclose(f);
+    return yes;
+}
+
+static void poll_arm(struct local_inst *li)
+{
+    static const struct timeval tv = {0, LOCAL_POLL_MS * 1000};
+    evtimer_add(li->ev_poll, &tv);
+}
+
+/* Sends the wanted park/unpark signal if the engine catches it yet; else the poll retries. */
+static void deliver(struct local_inst *li)
+{
+    if (!li->sig_want || !li->engine)
+        return;
+    if (!engine_catches(scaler_child_pid(li->engine), li->sig_want)) {
+        poll_arm(li);
+        return;
+    }
+    scaler_child_signal(li->engine, li->sig_want, false);
+    if (li->sig_want == SIGUSR1)
+        li->park_sent_ms = pw_clock_wall_ms();
+    PW_LOG_INFO("event=engine_signal replica=%s signal=%s", li->base.id,
+                li->sig_want == SIGUSR1 ? "park" : "unpark");
+    li->sig_want = 0;
+}
+
+/* Asks the engine to park (it drains first), once per park. */
+static void want_park(struct local_inst *li)
+{
+    if (li->park_sent_ms || li->sig_want == SIGUSR1)
+        return;
+    li->sig_want = SIGUSR1;
+    deliver(li);
+}
+
+static void local_inst_free(struct local_inst *li);
+
+/* HGET of the engine's heartbeat while a park runs: PARKED, written after our SIGUSR1,
+ * completes it (the engine writes it once nothing it took is left unacknowledged). */
+static void on_heartbeat(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                         const char *errstr, void *ud)
+{
+    (void)r;
+    (void)errstr;
+    struct local_inst *li = ud;
+    li->hget_out = false;
+    if (li->released) {
+        local_inst_free(li);
+        return;
+    }
+    if (err != PW_OK || !reply || reply->type != REDIS_REPLY_STRING || li->op != LOCAL_OP_PARK ||
+        !li->engine || !li->park_sent_ms)
+        return;
+    Parkway__WorkerStatus *ws = NULL;
+    if (pw_proto_unpack_worker(reply->str, reply->len, 0, &ws) != PW_OK)
+        return;
+    bool parked = ws->state == PARKWAY__WORKER_STATE__WORKER_STATE_PARKED &&
+                  ws->last_heartbeat_unix_ms >= li->park_sent_ms &&
+                  ws->pid == (uint32_t)scaler_child_pid(li->engine);
+    pw_proto_free_worker(ws);
+    if (!parked)
+        return;
+    evtimer_del(li->ev_poll);
+    li->base.state = SCALER_INST_PARKED;
+    snprintf(li->base.address, sizeof li->base.address, "pid %d (parked)",
+             (int)scaler_child_pid(li->engine));
+    complete(li, PW_OK);
+}
+
+static void on_poll(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct local_inst *li = arg;
+    deliver(li);
+    if (li->op != LOCAL_OP_PARK || !li->engine)
+        return;
+    if (pw_clock_mono_ms() - li->base.op_started_ms > LOCAL_PARK_KILL_MS) {
+        /* Never parked (a stuck answer): stop it; its exit completes the park without a
+         * process, and its unacknowledged entries go to the next engine's stale-claim. */
+        PW_LOG_WARN("event=park_timeout replica=%s", li->base.id);
+        engine_stop(li, LOCAL_KILL_MS);
+        return;
+    }
+    if (li->park_sent_ms && !li->hget_out &&
+        pw_redis_command(li->lp->redis, on_heartbeat, li, "HGET", li->key_workers, li->base.id,
+                         NULL) == PW_OK)
+        li->hget_out = true;
+    poll_arm(li);
+}
+
 static void on_engine_exit(struct scaler_child *c, const struct scaler_child_result *res,
                            void *userdata)
 {
     (void)c;
     struct local_inst *li = userdata;
     li->engine = NULL;
+    li->sig_want = 0;
+    li->park_sent_ms = 0;
     evtimer_del(li->ev_kill);
+    evtimer_del(li->ev_poll);
     PW_LOG_INFO("event=engine_exited replica=%s code=%d ms=%llu", li->base.id, res->exit_code,
                 (unsigned long long)res->elapsed_ms);
     switch (li->op) {
     case LOCAL_OP_PARK:
+        /* Parked without a process (see the top of the file). */
         pin_start(li);
         li->base.state = SCALER_INST_PARKED;
         snprintf(li->base.address, sizeof li->base.address, "parked");
@@ -278,7 +418,7 @@ static void on_engine_exit(struct scaler_child *c, const struct scaler_child_res
         break;
     }
     if (li->base.state == SCALER_INST_DRAINING && res->exit_code == 0)
-        return; /* drained as asked; park or terminate follows */
+        return; /* stopped while draining; the park (without a process) or terminate follows */
     /* Unasked: the engine crashed or gave up (bad model, lost Redis). */
     li->base.state = SCALER_INST_FAILED;
     snprintf(li->base.detail, sizeof li->base.detail, "engine exited with %s %d%s",
@@ -315,12 +455,10 @@ static enum pw_err local_provision(struct scaler_provider *p, const struct scale
     li->spec = spec;
     li->ev_report = evtimer_new(p->env.base, on_report, li);
     li->ev_kill = evtimer_new(p->env.base, on_kill_timer, li);
-    if (!li->ev_report || !li->ev_kill) {
-        if (li->ev_report)
-            event_free(li->ev_report);
-        if (li->ev_kill)
-            event_free(li->ev_kill);
-        free(li);
+    li->ev_poll = evtimer_new(p->env.base, on_poll, li);
+    if (!li->ev_report || !li->ev_kill || !li->ev_poll ||
+        pw_key_workers(li->key_workers, sizeof li->key_workers, spec->name) != PW_OK) {
+        local_inst_free(li);
         return PW_ERR_NOMEM;
     }
     snprintf(li->base.id, sizeof li->base.id, "%s", replica_id);
@@ -332,9 +470,7 @@ static enum pw_err local_provision(struct scaler_provider *p, const struct scale
     begin(li, LOCAL_OP_PROVISION);
     enum pw_err err = engine_start(li);
     if (err) {
-        event_free(li->ev_report);
-        event_free(li->ev_kill);
-        free(li);
+        local_inst_free(li);
         return err;
     }
     li->base.state = SCALER_INST_RUNNING;
@@ -351,10 +487,9 @@ static enum pw_err local_drain(struct scaler_provider *p, struct scaler_instance
         return PW_ERR_AGAIN;
     begin(li, LOCAL_OP_DRAIN);
     inst->state = SCALER_INST_DRAINING;
-    if (li->engine && !li->term_sent) {
-        scaler_child_signal(li->engine, SIGTERM, false);
-        li->term_sent = true;
-    }
+    /* The engine's park drains: it takes nothing new, finishes, then parks itself. */
+    if (li->engine && !li->term_sent)
+        want_park(li);
     complete(li, PW_OK);
     return PW_OK;
 }
@@ -367,8 +502,13 @@ static enum pw_err local_park(struct scaler_provider *p, struct scaler_instance 
         return PW_ERR_AGAIN;
     begin(li, LOCAL_OP_PARK);
     inst->state = SCALER_INST_DRAINING;
+    if (li->engine && !li->term_sent) {
+        want_park(li);
+        poll_arm(li); /* the PARKED heartbeat completes the park */
+        return PW_OK;
+    }
     if (li->engine) {
-        engine_stop(li, LOCAL_PARK_KILL_MS); /* the exit completes the park */
+        engine_stop(li, LOCAL_KILL_MS); /* already stopping: the exit completes the park */
         return PW_OK;
     }
     pin_start(li);
@@ -385,6 +525,17 @@ static enum pw_err local_unpark(struct scaler_provider *p, struct scaler_instanc
     if (inst->busy || inst->state != SCALER_INST_PARKED)
         return PW_ERR_AGAIN;
     begin(li, LOCAL_OP_UNPARK);
+    if (li->engine) {
+        /* A parked engine has its handlers: it reads again at once. */
+        li->sig_want = SIGUSR2;
+        li->park_sent_ms = 0;
+        deliver(li);
+        inst->state = SCALER_INST_RUNNING;
+        inst->detail[0] = '\0';
+        snprintf(inst->address, sizeof inst->address, "pid %d", (int)scaler_child_pid(li->engine));
+        complete(li, PW_OK);
+        return PW_OK;
+    }
     enum pw_err err = engine_start(li);
     if (err) {
         li->op = LOCAL_OP_NONE;
@@ -407,6 +558,8 @@ static enum pw_err local_terminate(struct scaler_provider *p, struct scaler_inst
         return PW_OK; /* already on its way */
     /* Supersede whatever runs: its report is replaced by the terminate report. */
     evtimer_del(li->ev_report);
+    evtimer_del(li->ev_poll);
+    li->sig_want = 0;
     begin(li, LOCAL_OP_TERMINATE);
     pin_stop(li);
     if (li->engine) {
@@ -431,13 +584,35 @@ static void local_release(struct scaler_provider *p, struct scaler_instance *ins
         PW_LOG_WARN("event=engine_abandoned replica=%s", inst->id);
     }
     pin_stop(li);
-    event_free(li->ev_report);
-    event_free(li->ev_kill);
+    evtimer_del(li->ev_report);
+    evtimer_del(li->ev_kill);
+    evtimer_del(li->ev_poll);
+    li->engine = NULL;
+    if (li->hget_out) {
+        li->released = true; /* the heartbeat callback frees it */
+        return;
+    }
+    local_inst_free(li);
+}
+
+static void local_inst_free(struct local_inst *li)
+{
+    if (li->ev_report)
+        event_free(li->ev_report);
+    if (li->ev_kill)
+        event_free(li->ev_kill);
+    if (li->ev_poll)
+        event_free(li->ev_poll);
     free(li);
 }
 
 static void local_destroy(struct scaler_provider *p)
 {
+    if (!p)
+        return;
+    /* Outstanding heartbeat reads are cancelled here: their callbacks free released
+     * instances. */
+    pw_redis_destroy(((struct local_provider *)p)->redis);
     free(p);
 }
 
@@ -513,9 +688,10 @@ void scaler_provider_local_offer(struct scaler_offer *o)
     } else {
         snprintf(o->instance_type, sizeof o->instance_type, "local-cpu");
     }
-    /* Measured on the 2-core dev machine with the default model (docs/internals/scaler.md). */
+    /* Measured on the 2-core dev machine with the default model (docs/internals/scaler.md):
+     * unpark is a signal to a loaded engine. */
     o->provision_ms = 1500;
-    o->unpark_ms = 400;
+    o->unpark_ms = 50;
 }
 
 enum pw_err scaler_provider_local_create(const struct scaler_provider_env *env,
@@ -536,6 +712,12 @@ enum pw_err scaler_provider_local_create(const struct scaler_provider_env *env,
         return PW_ERR_NOMEM;
     lp->base.ops = &local_ops;
     lp->base.env = *env;
+    struct pw_redis_opts ro = {.name = "local-provider"};
+    enum pw_err err = pw_redis_create(env->base, env->redis_url, &ro, &lp->redis, errbuf, errcap);
+    if (err) {
+        free(lp);
+        return err;
+    }
     scaler_provider_local_offer(&lp->offer);
     *out = &lp->base;
     return PW_OK;

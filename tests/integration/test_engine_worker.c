@@ -6,7 +6,8 @@
  * The model is generated here (4 layers, 256 wide, Q8_0, ChatML tokenizer): random
  * weights, so the text is noise, but deterministic noise, which is all these tests need.
  * One worker ("w-main" on function "tiny", 4 slots, context 512) serves most cases; the
- * SIGTERM drain and the stale-entry claim each run their own worker on their own function.
+ * SIGTERM drain, the park/unpark signals and the stale-entry claim each run their own
+ * worker on their own function.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -92,8 +93,9 @@ static void dump_log(const char *worker)
     fclose(f);
 }
 
-/* Starts a worker for fn; its output goes to <dir>/<worker>.log. */
-static pid_t start_worker(const char *fn, const char *worker)
+/* Starts a worker for fn; its output goes to <dir>/<worker>.log. extra: one more flag or
+ * NULL. */
+static pid_t start_worker_with(const char *fn, const char *worker, const char *extra)
 {
     char spec[160], log[160];
     snprintf(spec, sizeof spec, "%s/%s.yaml", dir, fn);
@@ -109,10 +111,15 @@ static pid_t start_worker(const char *fn, const char *worker)
             close(fd);
         }
         execl(ENGINE, ENGINE, "--spec", spec, "--redis", srv.url, "--worker-id", worker,
-              "--claim-idle-ms", "500", "--threads", "2", (char *)NULL);
+              "--claim-idle-ms", "500", "--threads", "2", extra, (char *)NULL);
         _exit(127);
     }
     return pid;
+}
+
+static pid_t start_worker(const char *fn, const char *worker)
+{
+    return start_worker_with(fn, worker, NULL);
 }
 
 static bool heartbeat_exists(const char *fn, const char *worker)
@@ -446,6 +453,8 @@ static int setup(void **state)
     write_spec("tiny");
     write_spec("drain");
     write_spec("stale");
+    write_spec("park");
+    write_spec("prepark");
     main_pid = start_worker("tiny", "w-main");
     wait_ready(main_pid, "tiny", "w-main");
     return 0;
@@ -842,6 +851,157 @@ static void test_sigterm_drains_then_exits_0(void **state)
     assert_int_equal(pending_count("drain"), 0);
 }
 
+/* Waits up to ms for the worker's heartbeat to say state; false on timeout. */
+static bool wait_state(const char *fn, const char *worker, int state, int ms)
+{
+    for (int i = 0; i < ms / 20; i++) {
+        Parkway__WorkerStatus *ws = get_status(fn, worker);
+        bool yes = ws && (int)ws->state == state;
+        pw_proto_free_worker(ws);
+        if (yes)
+            return true;
+        sleep_ms(20);
+    }
+    return false;
+}
+
+/* Undelivered entries of fn's interactive stream (the group's lag). */
+static long long stream_lag(const char *fn)
+{
+    char key[PW_KEY_MAX];
+    pw_key_queue(key, sizeof key, fn);
+    redisReply *r = redisCommand(rc, "XINFO GROUPS %s", key);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+    long long lag = -1;
+    for (size_t g = 0; g < r->elements; g++) {
+        const redisReply *e = r->element[g];
+        for (size_t i = 0; i + 1 < e->elements; i += 2)
+            if (strcmp(e->element[i]->str, "lag") == 0 &&
+                e->element[i + 1]->type == REDIS_REPLY_INTEGER)
+                lag = e->element[i + 1]->integer;
+    }
+    freeReplyObject(r);
+    return lag;
+}
+
+/*
+ * SIGUSR1 while a request runs: it completes; the heartbeat says PARKED (and keeps beating);
+ * a new request is neither delivered nor answered until SIGUSR2, then it is, by the same
+ * process; SIGTERM while parked exits 0 and removes the heartbeat.
+ */
+static void test_park_finishes_work_then_waits_for_unpark(void **state)
+{
+    (void)state;
+    pid_t pid = start_worker("park", "w-park");
+    wait_ready(pid, "park", "w-park");
+    struct rq q = {.id = "park-1",
+                   .fn = "park",
+                   .user = "A long answer please",
+                   .max_tokens = 60,
+                   .has_temp = true,
+                   .temperature = 0.8f,
+                   .seed = 5};
+    struct result res;
+    result_init(&res, q.id);
+    res.watch = pid;
+    res.watch_id = "w-park";
+    push(&q);
+    collect(&res, true, 60000);
+    assert_false(res.done);
+    assert_int_equal(kill(pid, SIGUSR1), 0);
+    collect(&res, false, 60000);
+    assert_int_equal(res.finish[0], PARKWAY__FINISH_REASON__FINISH_REASON_LENGTH);
+    assert_int_equal(res.completion_tokens, 60);
+    assert_true(wait_state("park", "w-park", PARKWAY__WORKER_STATE__WORKER_STATE_PARKED, 10000));
+    assert_int_equal(pending_count("park"), 0);
+
+    /* Parked: still heartbeating, same process. */
+    Parkway__WorkerStatus *ws = get_status("park", "w-park");
+    assert_non_null(ws);
+    int64_t first = ws->last_heartbeat_unix_ms;
+    assert_int_equal(ws->pid, (uint32_t)pid);
+    assert_int_equal(ws->slots_busy, 0);
+    pw_proto_free_worker(ws);
+
+    /* A request while parked: nobody reads it (no delivery, no pending, no answer). */
+    struct rq q2 = {.id = "park-2", .fn = "park", .user = "Are you there?", .max_tokens = 5};
+    struct result res2;
+    result_init(&res2, q2.id);
+    res2.watch = pid;
+    res2.watch_id = "w-park";
+    push(&q2);
+    sleep_ms(1500);
+    assert_int_equal(stream_lag("park"), 1);
+    assert_int_equal(pending_count("park"), 0);
+    redisReply *r = redisCommand(rc, "XLEN %s", res2.rkey);
+    assert_non_null(r);
+    assert_int_equal(r->integer, 0);
+    freeReplyObject(r);
+    ws = get_status("park", "w-park");
+    assert_non_null(ws);
+    assert_int_equal(ws->state, PARKWAY__WORKER_STATE__WORKER_STATE_PARKED);
+    assert_true(ws->last_heartbeat_unix_ms > first); /* it beats while parked */
+    pw_proto_free_worker(ws);
+    int st;
+    assert_int_equal(waitpid(pid, &st, WNOHANG), 0);
+
+    /* SIGUSR2: answered at once, by the same process. */
+    int64_t t0 = now_ms();
+    assert_int_equal(kill(pid, SIGUSR2), 0);
+    collect(&res2, false, 60000);
+    fprintf(stderr, "unparked request answered in %lld ms\n", (long long)(now_ms() - t0));
+    assert_int_equal(res2.finish[0], PARKWAY__FINISH_REASON__FINISH_REASON_LENGTH);
+    assert_int_equal(res2.completion_tokens, 5);
+    assert_string_equal(res2.worker, "w-park");
+    assert_int_equal(res2.attempt, 0);
+    assert_true(wait_state("park", "w-park", PARKWAY__WORKER_STATE__WORKER_STATE_READY, 5000));
+    wait_no_pending("park");
+
+    /* Parked again, then SIGTERM: exits 0 and removes its heartbeat. */
+    assert_int_equal(kill(pid, SIGUSR1), 0);
+    assert_true(wait_state("park", "w-park", PARKWAY__WORKER_STATE__WORKER_STATE_PARKED, 10000));
+    assert_int_equal(kill(pid, SIGTERM), 0);
+    int code = watched_exit(&res2, 30000);
+    if (code != 0) {
+        dump_log("w-park");
+        if (code < 0)
+            kill(pid, SIGKILL);
+        fail_msg("parked worker exit code %d after SIGTERM", code);
+    }
+    assert_false(heartbeat_exists("park", "w-park"));
+}
+
+/* --start-parked: loads, heartbeats PARKED, takes nothing until SIGUSR2. */
+static void test_start_parked(void **state)
+{
+    (void)state;
+    pid_t pid = start_worker_with("prepark", "w-prepark", "--start-parked");
+    wait_ready(pid, "prepark", "w-prepark");
+    assert_true(
+        wait_state("prepark", "w-prepark", PARKWAY__WORKER_STATE__WORKER_STATE_PARKED, 1000));
+    struct rq q = {.id = "prepark-1", .fn = "prepark", .user = "Hi", .max_tokens = 3};
+    struct result res;
+    result_init(&res, q.id);
+    res.watch = pid;
+    res.watch_id = "w-prepark";
+    push(&q);
+    sleep_ms(700);
+    assert_int_equal(stream_lag("prepark"), 1);
+    assert_int_equal(kill(pid, SIGUSR2), 0);
+    collect(&res, false, 60000);
+    assert_int_equal(res.completion_tokens, 3);
+    wait_no_pending("prepark");
+    assert_int_equal(kill(pid, SIGTERM), 0);
+    int code = watched_exit(&res, 30000);
+    if (code != 0) {
+        dump_log("w-prepark");
+        if (code < 0)
+            kill(pid, SIGKILL);
+        fail_msg("worker exit code %d after SIGTERM", code);
+    }
+}
+
 static void test_claims_a_dead_workers_entry(void **state)
 {
     (void)state;
@@ -928,6 +1088,8 @@ int main(void)
         cmocka_unit_test(test_same_seed_same_text),
         cmocka_unit_test(test_more_requests_than_slots),
         cmocka_unit_test(test_sigterm_drains_then_exits_0),
+        cmocka_unit_test(test_park_finishes_work_then_waits_for_unpark),
+        cmocka_unit_test(test_start_parked),
         cmocka_unit_test(test_claims_a_dead_workers_entry),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -3,9 +3,10 @@
  * redis-server, the scaler binary, engines it starts on a tiny generated model.
  *
  *   zero replicas -> a request is queued -> the scaler provisions an engine -> answered;
- *   idle past idle_seconds -> drained and parked (engine process gone, no heartbeat);
- *   a new request -> unparked -> answered; every step is in pw:events with its reason;
- *   pw:{fn}:scale is written; SIGTERM stops the scaler and its engines.
+ *   idle past idle_seconds -> drained and parked (the same engine process, heartbeating
+ *   PARKED, reading nothing); a new request -> unparked -> answered by that same process;
+ *   every step is in pw:events with its reason; pw:{fn}:scale is written; SIGTERM stops
+ *   the scaler and its engines.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -223,6 +224,37 @@ static long long hlen(const char *key)
     return n;
 }
 
+/* The single engine heartbeat of function tiny: its state and pid; false if none. */
+static bool engine_status(int *state, pid_t *pid)
+{
+    redisReply *r = redisCommand(g_rc, "HVALS pw:{tiny}:workers");
+    bool ok = false;
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 1 &&
+        r->element[0]->type == REDIS_REPLY_STRING) {
+        Parkway__WorkerStatus *ws = NULL;
+        if (pw_proto_unpack_worker(r->element[0]->str, r->element[0]->len, 0, &ws) == PW_OK) {
+            *state = ws->state;
+            *pid = (pid_t)ws->pid;
+            ok = true;
+            pw_proto_free_worker(ws);
+        }
+    }
+    freeReplyObject(r);
+    return ok;
+}
+
+static bool wait_engine_state(int want, pid_t *pid, int timeout_ms)
+{
+    uint64_t t0 = pw_clock_mono_ms();
+    while (pw_clock_mono_ms() - t0 < (uint64_t)timeout_ms) {
+        int st = 0;
+        if (engine_status(&st, pid) && st == want)
+            return true;
+        sleep_ms(50);
+    }
+    return false;
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -297,12 +329,32 @@ static void test_zero_to_one_park_unpark(void **state)
     assert_int_equal(count_events("provision", NULL), 1);
     assert_true(wait_event("ready", "startup_ms=", 1, 5000));
 
-    /* Idle past idle_seconds: drained, parked, engine gone. */
+    pid_t served_pid = 0;
+    assert_true(wait_engine_state(PARKWAY__WORKER_STATE__WORKER_STATE_READY, &served_pid, 5000));
+
+    /* Idle past idle_seconds: drained, then parked: the same process, alive, heartbeating
+     * PARKED, holding nothing. */
     assert_true(wait_event("parked", NULL, 1, 20000));
     assert_true(count_events("drain", NULL) >= 1);
-    assert_int_equal(hlen("pw:{tiny}:workers"), 0);
+    pid_t parked_pid = 0;
+    assert_true(wait_engine_state(PARKWAY__WORKER_STATE__WORKER_STATE_PARKED, &parked_pid, 3000));
+    assert_int_equal(parked_pid, served_pid);
+    assert_int_equal(kill(parked_pid, 0), 0);
+    redisReply *pr = redisCommand(g_rc, "XPENDING pw:{tiny}:q %s", PW_GROUP_ENGINES);
+    assert_non_null(pr);
+    assert_int_equal(pr->element[0]->integer, 0);
+    freeReplyObject(pr);
+    /* Still parked a heartbeat later: not taken for dead, not unparked by itself. */
+    sleep_ms(1500);
+    int st = 0;
+    pid_t again = 0;
+    assert_true(engine_status(&st, &again));
+    assert_int_equal(st, PARKWAY__WORKER_STATE__WORKER_STATE_PARKED);
+    assert_int_equal(again, served_pid);
+    assert_int_equal(count_events("replica_failed", NULL), 0);
+    assert_int_equal(count_events("unpark", NULL), 0);
 
-    /* A new request unparks it. */
+    /* A new request unparks it: answered by the same process. */
     enqueue("tiny", "req-2");
     ms = wait_reply("req-2", &cursor, 30000);
     assert_true(ms >= 0);
@@ -311,6 +363,11 @@ static void test_zero_to_one_park_unpark(void **state)
     assert_true(wait_event("unpark", NULL, 1, 5000));
     assert_int_equal(count_events("unpark", NULL), 1);
     assert_int_equal(count_events("provision", NULL), 1);
+    pid_t unparked_pid = 0;
+    assert_true(wait_engine_state(PARKWAY__WORKER_STATE__WORKER_STATE_READY, &unparked_pid, 5000) ||
+                wait_engine_state(PARKWAY__WORKER_STATE__WORKER_STATE_PARKED, &unparked_pid, 5000));
+    assert_int_equal(unparked_pid, served_pid);
+    assert_int_equal(count_events("replica_failed", NULL), 0);
 
     /* Scale state for `parkway fn ls`. */
     redisReply *r = redisCommand(g_rc, "HGET pw:{tiny}:scale ready");
