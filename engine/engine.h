@@ -37,6 +37,7 @@ struct engine_opts {
     bool start_parked;         /* worker mode: load, then wait parked until SIGUSR2 */
     const char *chat_template; /* override: chatml, llama2, llama3, mistral, zephyr */
     int threads;               /* compute threads; 0 = one per online CPU */
+    bool gpu;                  /* use the CUDA backend when a device is present */
     uint32_t max_batch;        /* sequences decoded together */
     uint32_t max_tok;          /* token rows per step (prefill chunk) */
     uint32_t n_ctx;            /* context length served; 0 = the model's */

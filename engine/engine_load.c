@@ -11,17 +11,35 @@
 #include "engine_model.h"
 #include "engine_tokenizer.h"
 #include "kernel.h"
+#ifdef PW_HAVE_CUDA
+#include "kernel_cuda.h"
+#endif
 #include "pw_clock.h"
 #include "pw_log.h"
+
+/* CUDA when the function asks for a GPU and one is present; else the CPU, saying why. */
+static enum pw_err backend_create(const struct engine_opts *o, struct kernel_backend **be)
+{
+    if (o->gpu) {
+#ifdef PW_HAVE_CUDA
+        if (kernel_cuda_device_count() > 0)
+            return kernel_cuda_create(NULL, be);
+        PW_LOG_WARN("event=engine_backend backend=cpu reason=no_cuda_device gpu_requested=1");
+#else
+        PW_LOG_WARN("event=engine_backend backend=cpu reason=built_without_cuda gpu_requested=1");
+#endif
+    }
+    return kernel_cpu_create(o->threads, be);
+}
 
 enum pw_err engine_load(struct engine *e, const struct engine_sched_cb *cb, char *err,
                         size_t errcap)
 {
     uint64_t t0 = pw_clock_mono_ns();
     const struct engine_opts *o = &e->opts;
-    enum pw_err rc = kernel_cpu_create(o->threads, &e->be);
+    enum pw_err rc = backend_create(o, &e->be);
     if (rc) {
-        snprintf(err, errcap, "cannot create the CPU backend: %s", pw_err_desc(rc));
+        snprintf(err, errcap, "cannot create the compute backend: %s", pw_err_desc(rc));
         return rc;
     }
     struct engine_model_opts mo = {

@@ -621,7 +621,7 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
     ws.started_unix_ms = w->started_ms;
     ws.pid = (uint32_t)getpid();
     ws.host = host;
-    ws.backend = "cpu";
+    ws.backend = (char *)w->e->be->ops->name(w->e->be);
     ws.model_sha256 = w->spec->model.sha256;
     ws.requests_done = w->requests_done;
     ws.tokens_generated = w->tokens_generated;
@@ -913,6 +913,7 @@ int engine_worker_run(struct engine *e)
         e->opts.max_batch = w.spec->engine.max_batch;
     if (e->opts.n_ctx == 0)
         e->opts.n_ctx = w.spec->engine.context_length;
+    e->opts.gpu = e->opts.gpu || w.spec->resources.gpu != PW_SPEC_GPU_NONE;
     if (!e->opts.chat_template && w.spec->model.chat_template != PW_SPEC_TEMPLATE_AUTO)
         e->opts.chat_template = pw_spec_chat_template_name(w.spec->model.chat_template);
     if ((pe = resolve_model(&w, model_path, sizeof model_path, err, sizeof err))) {

@@ -39,6 +39,7 @@ static void usage(FILE *out)
             "common:\n"
             "  --model FILE           GGUF model (overrides the spec's)\n"
             "  --threads N            compute threads (default: one per CPU)\n"
+            "  --gpu                  use the CUDA backend if a device is present\n"
             "  --max-batch N          sequences decoded together (default 16)\n"
             "  --max-tok N            token rows per step / prefill chunk (default 256)\n"
             "  --ctx N                context length served (default: spec or model)\n"
@@ -110,6 +111,7 @@ int main(int argc, char **argv)
         O_TEMPLATE,
         O_HELP,
         O_CLAIM_IDLE,
+        O_GPU,
         O_START_PARKED,
     };
     static const struct option longopts[] = {
@@ -137,6 +139,7 @@ int main(int argc, char **argv)
         {"chat-template", required_argument, NULL, O_TEMPLATE},
         {"help", no_argument, NULL, O_HELP},
         {"claim-idle-ms", required_argument, NULL, O_CLAIM_IDLE},
+        {"gpu", no_argument, NULL, O_GPU},
         {"start-parked", no_argument, NULL, O_START_PARKED},
         {NULL, 0, NULL, 0},
     };
@@ -221,6 +224,9 @@ int main(int argc, char **argv)
             break;
         case O_KV_BLOCKS:
             bad |= parse_u32("kv-blocks", optarg, 1u << 24, &o->n_kv_blocks);
+            break;
+        case O_GPU:
+            o->gpu = true;
             break;
         case O_CLAIM_IDLE:
             bad |= parse_u32("claim-idle-ms", optarg, 86400000, &o->claim_idle_ms);

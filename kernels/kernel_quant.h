@@ -50,9 +50,15 @@ struct kernel_block_q4_1 {
     uint8_t qs[KERNEL_QK / 2];
 };
 
-_Static_assert(sizeof(struct kernel_block_q8_0) == 34, "Q8_0 block is 34 bytes");
-_Static_assert(sizeof(struct kernel_block_q4_0) == 18, "Q4_0 block is 18 bytes");
-_Static_assert(sizeof(struct kernel_block_q4_1) == 20, "Q4_1 block is 20 bytes");
+/* The header is also read by CUDA C++ (kernels/cuda). */
+#ifdef __cplusplus
+#define KERNEL_STATIC_ASSERT static_assert
+#else
+#define KERNEL_STATIC_ASSERT _Static_assert
+#endif
+KERNEL_STATIC_ASSERT(sizeof(struct kernel_block_q8_0) == 34, "Q8_0 block is 34 bytes");
+KERNEL_STATIC_ASSERT(sizeof(struct kernel_block_q4_0) == 18, "Q4_0 block is 18 bytes");
+KERNEL_STATIC_ASSERT(sizeof(struct kernel_block_q4_1) == 20, "Q4_1 block is 20 bytes");
 
 /* Name ("q4_1") or NULL if the id is not one of the supported types. */
 const char *kernel_dtype_name(uint32_t ggml_type);

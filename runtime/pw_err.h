@@ -10,26 +10,26 @@
 #define PW_ERR_H
 
 /* X(code, name, description) */
-#define PW_ERR_LIST(X)                                                                     \
-    X(PW_OK, "ok", "success")                                                              \
-    X(PW_ERR_NOMEM, "nomem", "out of memory")                                              \
-    X(PW_ERR_INVAL, "inval", "invalid argument")                                           \
-    X(PW_ERR_IO, "io", "input/output error")                                               \
-    X(PW_ERR_PARSE, "parse", "malformed input")                                            \
-    X(PW_ERR_RANGE, "range", "value out of range")                                         \
-    X(PW_ERR_TOOBIG, "toobig", "size over the limit")                                      \
-    X(PW_ERR_NOTFOUND, "notfound", "not found")                                            \
-    X(PW_ERR_EXISTS, "exists", "already exists")                                           \
-    X(PW_ERR_UNSUPPORTED, "unsupported", "unsupported")                                    \
-    X(PW_ERR_TIMEOUT, "timeout", "timed out")                                              \
-    X(PW_ERR_AGAIN, "again", "try again later")                                            \
-    X(PW_ERR_CLOSED, "closed", "connection closed")                                        \
-    X(PW_ERR_REDIS, "redis", "redis error")                                                \
-    X(PW_ERR_PROTO, "proto", "protocol error")                                             \
-    X(PW_ERR_AUTH, "auth", "authentication failed")                                        \
-    X(PW_ERR_DENIED, "denied", "permission denied")                                        \
-    X(PW_ERR_CANCELLED, "cancelled", "cancelled")                                          \
-    X(PW_ERR_CONFIG, "config", "invalid configuration")                                    \
+#define PW_ERR_LIST(X)                                                                             \
+    X(PW_OK, "ok", "success")                                                                      \
+    X(PW_ERR_NOMEM, "nomem", "out of memory")                                                      \
+    X(PW_ERR_INVAL, "inval", "invalid argument")                                                   \
+    X(PW_ERR_IO, "io", "input/output error")                                                       \
+    X(PW_ERR_PARSE, "parse", "malformed input")                                                    \
+    X(PW_ERR_RANGE, "range", "value out of range")                                                 \
+    X(PW_ERR_TOOBIG, "toobig", "size over the limit")                                              \
+    X(PW_ERR_NOTFOUND, "notfound", "not found")                                                    \
+    X(PW_ERR_EXISTS, "exists", "already exists")                                                   \
+    X(PW_ERR_UNSUPPORTED, "unsupported", "unsupported")                                            \
+    X(PW_ERR_TIMEOUT, "timeout", "timed out")                                                      \
+    X(PW_ERR_AGAIN, "again", "try again later")                                                    \
+    X(PW_ERR_CLOSED, "closed", "connection closed")                                                \
+    X(PW_ERR_REDIS, "redis", "redis error")                                                        \
+    X(PW_ERR_PROTO, "proto", "protocol error")                                                     \
+    X(PW_ERR_AUTH, "auth", "authentication failed")                                                \
+    X(PW_ERR_DENIED, "denied", "permission denied")                                                \
+    X(PW_ERR_CANCELLED, "cancelled", "cancelled")                                                  \
+    X(PW_ERR_CONFIG, "config", "invalid configuration")                                            \
     X(PW_ERR_INTERNAL, "internal", "internal error")
 
 enum pw_err {
@@ -52,13 +52,18 @@ const char *pw_err_desc(enum pw_err err);
 int pw_err_exit_code(enum pw_err err);
 
 /* Prints "assertion failed: expr at file:line" to stderr and aborts. */
-_Noreturn void pw_assert_fail(const char *expr, const char *file, int line);
+#ifdef __cplusplus /* read by CUDA C++ too */
+#define PW_NORETURN [[noreturn]]
+#else
+#define PW_NORETURN _Noreturn
+#endif
+PW_NORETURN void pw_assert_fail(const char *expr, const char *file, int line);
 
 /* For programmer errors only; never compiled out; never for network, Redis or file input. */
-#define PW_ASSERT(expr)                                                                    \
-    do {                                                                                   \
-        if (!(expr))                                                                       \
-            pw_assert_fail(#expr, __FILE__, __LINE__);                                     \
+#define PW_ASSERT(expr)                                                                            \
+    do {                                                                                           \
+        if (!(expr))                                                                               \
+            pw_assert_fail(#expr, __FILE__, __LINE__);                                             \
     } while (0)
 
 #endif
