@@ -927,3 +927,17 @@ const struct engine_gguf_tensor *engine_gguf_find_tensor(const struct engine_ggu
     }
     return NULL;
 }
+
+void engine_gguf_drop_tensor_pages(const struct engine_gguf *g, const struct engine_gguf_tensor *t)
+{
+    if (!g->mapped || !t || t->size == 0)
+        return;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0)
+        return;
+    uintptr_t start = (uintptr_t)t->data, end = start + t->size;
+    uintptr_t a = (start + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t b = end & ~((uintptr_t)page - 1);
+    if (b > a)
+        madvise((void *)a, b - a, MADV_DONTNEED);
+}

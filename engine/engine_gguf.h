@@ -138,6 +138,14 @@ bool engine_gguf_arr_i64(const struct engine_gguf *g, const char *key, uint64_t 
  * false for missing keys, non-arrays and string arrays. */
 bool engine_gguf_arr_data(const struct engine_gguf *g, const char *key, const void **data);
 
+/*
+ * Tells the kernel the mapped bytes of t are not needed any more (the backend copied them):
+ * their pages leave the process's resident set. Reading them again is still correct (they
+ * are re-read from the file). Only whole pages inside the tensor are affected. A no-op for
+ * engine_gguf_open_memory() files.
+ */
+void engine_gguf_drop_tensor_pages(const struct engine_gguf *g, const struct engine_gguf_tensor *t);
+
 size_t engine_gguf_n_tensors(const struct engine_gguf *g);
 const struct engine_gguf_tensor *engine_gguf_tensor_at(const struct engine_gguf *g, size_t i);
 /* NULL if absent. O(log n). */

@@ -166,6 +166,12 @@ static enum pw_err load_weight(struct engine_model *m, const char *name, uint32_
     }
     enum pw_err e = m->be->ops->weight_create(m->be, (enum kernel_dtype)t->type, vector ? 1 : n_out,
                                               n_in, t->data, out);
+    /* A backend that repacked quantized weights keeps its own copy: the file's pages are
+     * dead weight in the resident set (peak RSS would be twice the model). */
+    if (!e && (m->be->ops->caps(m->be) & KERNEL_CAP_REPACKS) &&
+        (t->type == KERNEL_DTYPE_Q4_0 || t->type == KERNEL_DTYPE_Q4_1 ||
+         t->type == KERNEL_DTYPE_Q8_0))
+        engine_gguf_drop_tensor_pages(m->gguf, t);
     if (e)
         set_err(err, cap, "tensor %s: backend cannot load type %s: %s", name,
                 kernel_dtype_name(t->type), pw_err_desc(e));
