@@ -621,7 +621,8 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
     ws.started_unix_ms = w->started_ms;
     ws.pid = (uint32_t)getpid();
     ws.host = host;
-    ws.backend = (char *)w->e->be->ops->name(w->e->be);
+    /* "cpu" or "cuda" (the proto's values); the exact ISA is in the engine_ready log line */
+    ws.backend = strncmp(w->e->be->ops->name(w->e->be), "cuda", 4) == 0 ? "cuda" : "cpu";
     ws.model_sha256 = w->spec->model.sha256;
     ws.requests_done = w->requests_done;
     ws.tokens_generated = w->tokens_generated;

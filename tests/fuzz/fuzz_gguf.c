@@ -1,18 +1,14 @@
 /*
- * fuzz_gguf: libFuzzer target for the GGUF reader (engine_gguf_open_memory), plus a replay
- * driver (main, when built without -fsanitize=fuzzer) that runs every file named on the
- * command line, or every file in a named directory, through the same entry point, so ctest
- * replays the corpus under ASan without libFuzzer.
+ * fuzz_gguf: libFuzzer target for the GGUF reader (engine_gguf_open_memory). Without
+ * -fsanitize=fuzzer it links fuzz_replay.c, the replay driver shared by every target, so
+ * ctest replays the corpus under ASan without libFuzzer.
  *
  * On success the whole API surface is walked, touching the first and last byte of every
  * string and tensor it hands out, so an accepted file that points out of bounds is caught.
  */
-#include <dirent.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "engine_gguf.h"
 
@@ -88,112 +84,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(copy);
     return 0;
 }
-
-#ifndef PW_FUZZ_LIBFUZZER
-static int replay_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "fuzz_gguf: cannot open %s\n", path);
-        return 1;
-    }
-    size_t cap = 1 << 16, n = 0;
-    uint8_t *buf = malloc(cap);
-    size_t r;
-    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            uint8_t *nb = realloc(buf, cap * 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    fclose(f);
-    if (!buf)
-        return 1;
-    LLVMFuzzerTestOneInput(buf, n);
-    free(buf);
-    return 0;
-}
-
-static int cmp_str(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Replays every regular file in dir, in name order. */
-static int replay_dir(const char *dir, int *count)
-{
-    DIR *d = opendir(dir);
-    if (!d) {
-        fprintf(stderr, "fuzz_gguf: cannot open %s\n", dir);
-        return 1;
-    }
-    char **names = NULL;
-    size_t n = 0, cap = 0;
-    int rc = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (e->d_name[0] == '.')
-            continue;
-        if (n == cap) {
-            cap = cap ? cap * 2 : 64;
-            char **nn = realloc(names, cap * sizeof(*nn));
-            if (!nn) {
-                rc = 1;
-                break;
-            }
-            names = nn;
-        }
-        size_t len = strlen(dir) + strlen(e->d_name) + 2;
-        names[n] = malloc(len);
-        if (!names[n]) {
-            rc = 1;
-            break;
-        }
-        snprintf(names[n], len, "%s/%s", dir, e->d_name);
-        n++;
-    }
-    closedir(d);
-    if (n > 0)
-        qsort(names, n, sizeof(*names), cmp_str);
-    for (size_t i = 0; i < n; i++) {
-        struct stat st;
-        if (rc == 0 && stat(names[i], &st) == 0 && S_ISREG(st.st_mode)) {
-            rc = replay_file(names[i]);
-            (*count)++;
-        }
-        free(names[i]);
-    }
-    free(names);
-    return rc;
-}
-
-int main(int argc, char **argv)
-{
-    int count = 0;
-    for (int i = 1; i < argc; i++) {
-        struct stat st;
-        if (stat(argv[i], &st) != 0) {
-            fprintf(stderr, "fuzz_gguf: %s: not found\n", argv[i]);
-            return 1;
-        }
-        int rc;
-        if (S_ISDIR(st.st_mode)) {
-            rc = replay_dir(argv[i], &count);
-        } else {
-            rc = replay_file(argv[i]);
-            count++;
-        }
-        if (rc)
-            return rc;
-    }
-    printf("fuzz_gguf: replayed %d inputs\n", count);
-    return count > 0 ? 0 : 1;
-}
-#endif

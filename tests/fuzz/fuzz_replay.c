@@ -1,9 +1,9 @@
 /*
- * fuzz_replay: the main() of every <name>_replay executable (all targets but fuzz_gguf,
- * which carries its own). Runs each file named on the command line, or every regular file
- * in a named directory (in name order), through LLVMFuzzerTestOneInput once, so ctest
- * replays a corpus under the sanitizers without libFuzzer. Each input is handed over in an
- * exact-size heap buffer, as libFuzzer does, so a read past its end hits ASan's redzone.
+ * fuzz_replay: the main() of every <name>_replay executable. Runs each file named on the
+ * command line, or every regular file in a named directory (in name order), through
+ * LLVMFuzzerTestOneInput once, so ctest replays a corpus under the sanitizers without
+ * libFuzzer. Each input is handed over in an exact-size heap buffer, as libFuzzer does, so
+ * a read past its end hits ASan's redzone.
  *
  * Exit status: 0 when at least one input ran (a finding aborts before that), 1 otherwise.
  * Single-threaded.

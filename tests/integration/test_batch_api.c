@@ -15,7 +15,6 @@
 #include <cmocka.h>
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
@@ -23,7 +22,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -32,6 +30,7 @@
 #include "parkway.pb-c.h"
 #include "pw_apikey.h"
 #include "pw_proto.h"
+#include "pw_test_proc.h"
 #include "pw_test_redis.h"
 
 #define ROUTER_BIN PW_BINARY_DIR "/router/parkway-router"
@@ -45,33 +44,6 @@ static pid_t g_router = -1, g_engine = -1;
 static char g_key_a[PW_APIKEY_LEN + 1], g_key_b[PW_APIKEY_LEN + 1];
 
 /* ---- processes ------------------------------------------------------------------------ */
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    bind(fd, (struct sockaddr *)&a, sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static pid_t spawn(char *const argv[], const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
 
 static void stop_pid(pid_t *pid, int sig)
 {
@@ -91,7 +63,7 @@ static void start_router(void)
     snprintf(log, sizeof log, "%s/router.log", g_dir);
     char *argv[] = {ROUTER_BIN, "--redis",       url,     "--port", port, "--threads",
                     "1",        "--storage-dir", storage, NULL};
-    g_router = spawn(argv, log);
+    g_router = pw_test_spawn(argv, log, SIGKILL);
 }
 
 static void start_engine(const char *id)
@@ -102,7 +74,7 @@ static void start_engine(const char *id)
     snprintf(log, sizeof log, "%s/engine.log", g_dir);
     char *argv[] = {ENGINE_BIN, "--spec",      spec,       "--redis",         url,    "--threads",
                     "1",        "--worker-id", (char *)id, "--claim-idle-ms", "1500", NULL};
-    g_engine = spawn(argv, log);
+    g_engine = pw_test_spawn(argv, log, SIGKILL);
 }
 
 /* ---- HTTP ----------------------------------------------------------------------------- */
@@ -333,12 +305,10 @@ static int setup(void **state)
     char cmd[512];
     /* The tiny shape decodes 200 tokens in ~10 ms: too fast to stop a batch half-way. Eight
      * wider layers (~1000 tokens/s on one thread) leave time to kill things mid-batch. */
-    snprintf(cmd, sizeof cmd,
-             "%s --out %s/tiny.gguf --shape custom --n-layer 8 --n-embd 256 --n-ff 1024 "
-             "--n-head 4 --n-head-kv 2 --type q8_0 >/dev/null",
-             GGUF_GEN, g_dir);
-    if (system(cmd) != 0)
-        return -1;
+    snprintf(cmd, sizeof cmd, "%s/tiny.gguf", g_dir);
+    pw_test_gguf_gen_at(GGUF_GEN, cmd,
+                        "--shape custom --n-layer 8 --n-embd 256 --n-ff 1024 --n-head 4 "
+                        "--n-head-kv 2 --type q8_0");
     snprintf(cmd, sizeof cmd, "%s/spec.yaml", g_dir);
     FILE *f = fopen(cmd, "w");
     fprintf(f,
@@ -353,7 +323,7 @@ static int setup(void **state)
     add_key(c, "tenant-a", g_key_a);
     add_key(c, "tenant-b", g_key_b);
     redisFree(c);
-    g_port = free_port();
+    g_port = pw_test_free_port();
     start_router();
     start_engine("e1");
     for (int i = 0; i < 100; i++) {
@@ -373,14 +343,7 @@ static int teardown(void **state)
     stop_pid(&g_engine, SIGTERM);
     stop_pid(&g_router, SIGTERM);
     pw_test_redis_stop(&g_redis);
-    if (getenv("PW_TEST_KEEP"))
-        fprintf(stderr, "kept %s\n", g_dir);
-    else if (g_dir[0]) {
-        char cmd[128];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-        if (system(cmd) != 0)
-            return -1;
-    }
+    pw_test_rmtree_unless_keep(g_dir);
     return 0;
 }
 

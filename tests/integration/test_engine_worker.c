@@ -33,6 +33,7 @@
 #include "parkway.pb-c.h"
 #include "pw_keyspace.h"
 #include "pw_proto.h"
+#include "pw_test_proc.h"
 #include "pw_test_redis.h"
 
 #define ENGINE PW_BINARY_DIR "/engine/parkway-engine"
@@ -56,20 +57,6 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static void write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    assert_int_equal(fclose(f), 0);
-}
-
 static void write_spec(const char *fn)
 {
     char path[160], text[512];
@@ -77,7 +64,7 @@ static void write_spec(const char *fn)
     snprintf(text, sizeof text,
              "name: %s\nmodel:\n  path: %s\nengine:\n  max_batch: %d\n  context_length: %d\n", fn,
              model_path, SLOTS, CTX);
-    write_file(path, text);
+    pw_test_write_file(path, text);
 }
 
 static void dump_log(const char *worker)
@@ -144,7 +131,7 @@ static void wait_ready(pid_t pid, const char *fn, const char *worker)
             dump_log(worker);
             fail_msg("worker %s exited before it was ready (status %d)", worker, st);
         }
-        sleep_ms(50);
+        pw_test_sleep_ms(50);
     }
     dump_log(worker);
     fail_msg("worker %s not ready after 60 s", worker);
@@ -157,7 +144,7 @@ static int wait_exit(pid_t pid, int ms)
         int st;
         if (waitpid(pid, &st, WNOHANG) == pid)
             return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
     return -1;
 }
@@ -192,7 +179,7 @@ static void wait_no_pending(const char *fn)
 {
     long long n = -1;
     for (int i = 0; i < 200 && (n = pending_count(fn)) != 0; i++)
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     assert_int_equal(n, 0);
 }
 
@@ -638,7 +625,7 @@ static void test_cancel_mid_generation(void **state)
         idle = ws && ws->slots_busy == 0;
         pw_proto_free_worker(ws);
         if (!idle)
-            sleep_ms(50);
+            pw_test_sleep_ms(50);
     }
     assert_true(idle);
 }
@@ -678,13 +665,21 @@ static void test_deadline_passes_mid_generation(void **state)
            res.finish[0], res.completion_tokens, (long long)(res.done_ms - deadline));
     assert_string_equal(res.err_code, "deadline_exceeded");
     assert_int_equal(res.http_status, 504);
-    /* cancelled while running (or refused, had the queue been slower than the deadline) */
-    if (res.finish[0] == PARKWAY__FINISH_REASON__FINISH_REASON_CANCELLED) {
-        assert_int_equal(res.n_finished, 8);
-        for (int i = 0; i < 8; i++)
-            assert_int_equal(res.finish[i], PARKWAY__FINISH_REASON__FINISH_REASON_CANCELLED);
+    /* Refused (error) had the queue been slower than the deadline; otherwise every choice
+     * ends: the ones that finished before the deadline by length, the rest cancelled. On a
+     * fast machine the first four may finish in time, so only the rest must be cancelled. */
+    if (res.finish[0] == PARKWAY__FINISH_REASON__FINISH_REASON_ERROR) {
+        assert_int_equal(res.n_finished, 1);
     } else {
-        assert_int_equal(res.finish[0], PARKWAY__FINISH_REASON__FINISH_REASON_ERROR);
+        assert_int_equal(res.n_finished, 8);
+        int cancelled = 0;
+        for (int i = 0; i < 8; i++) {
+            if (res.finish[i] == PARKWAY__FINISH_REASON__FINISH_REASON_CANCELLED)
+                cancelled++;
+            else
+                assert_int_equal(res.finish[i], PARKWAY__FINISH_REASON__FINISH_REASON_LENGTH);
+        }
+        assert_true(cancelled >= 1);
     }
     assert_true(res.done_ms - deadline < 5000);
     assert_true(res.completion_tokens < 8 * (CTX - 50));
@@ -787,7 +782,7 @@ static void test_heartbeat(void **state)
     /* it beats every second */
     bool newer = false;
     for (int i = 0; i < 100 && !newer; i++) {
-        sleep_ms(50);
+        pw_test_sleep_ms(50);
         ws = get_status("tiny", "w-main");
         newer = ws && ws->last_heartbeat_unix_ms > first;
         pw_proto_free_worker(ws);
@@ -860,7 +855,7 @@ static bool wait_state(const char *fn, const char *worker, int state, int ms)
         pw_proto_free_worker(ws);
         if (yes)
             return true;
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
     return false;
 }
@@ -931,7 +926,7 @@ static void test_park_finishes_work_then_waits_for_unpark(void **state)
     res2.watch = pid;
     res2.watch_id = "w-park";
     push(&q2);
-    sleep_ms(1500);
+    pw_test_sleep_ms(1500);
     assert_int_equal(stream_lag("park"), 1);
     assert_int_equal(pending_count("park"), 0);
     redisReply *r = redisCommand(rc, "XLEN %s", res2.rkey);
@@ -986,7 +981,7 @@ static void test_start_parked(void **state)
     res.watch = pid;
     res.watch_id = "w-prepark";
     push(&q);
-    sleep_ms(700);
+    pw_test_sleep_ms(700);
     assert_int_equal(stream_lag("prepark"), 1);
     assert_int_equal(kill(pid, SIGUSR2), 0);
     collect(&res, false, 60000);

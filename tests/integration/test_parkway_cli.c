@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "pw_apikey.h"
+#include "pw_test_proc.h"
 
 #define PARKWAY PW_BINARY_DIR "/tools/parkway"
 
@@ -104,17 +105,6 @@ static void test_unknown_command_is_exit_2(void **state)
     char *argv[] = {PARKWAY, "frobnicate", NULL};
     assert_int_equal(run_capture(argv, out, sizeof out, err, sizeof err), 2);
     assert_non_null(strstr(err, "unknown command"));
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    socklen_t len = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
 }
 
 /* The running `parkway up`, killed by the teardown if a test fails half-way. */
@@ -210,7 +200,7 @@ static void test_up_registers_and_reuses_key(void **state)
         skip();
     char dir[] = "/tmp/pw-up-test-XXXXXX";
     assert_non_null(mkdtemp(dir));
-    int redis_port = free_port(), router_port = free_port();
+    int redis_port = pw_test_free_port(), router_port = pw_test_free_port();
 
     pid_t pid = start_up(dir, redis_port, router_port);
     char key[512], base[512];

@@ -40,6 +40,7 @@
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_proto.h"
+#include "pw_test_proc.h"
 #include "pw_test_redis.h"
 
 #define ROUTER_BIN PW_BINARY_DIR "/router/parkway-router"
@@ -63,23 +64,6 @@ static redisContext *g_rc; /* the test's own connection: seeding and playing the
 static struct router_proc g_router;
 static char g_key[PW_APIKEY_LEN + 1]; /* a plain key: every function, no limits */
 static char g_tmp[64];
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    socklen_t len = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
 
 static redisReply *rcmd(const char *fmt, ...)
 {
@@ -423,7 +407,7 @@ static void assert_error(const struct hresp *r, int status, const char *type, co
 
 static void router_start(struct router_proc *rp, const char *const *extra, size_t n_extra)
 {
-    rp->port = free_port();
+    rp->port = pw_test_free_port();
     snprintf(rp->log, sizeof rp->log, "%s/router-%d.log", g_tmp, rp->port);
     char port[16];
     snprintf(port, sizeof port, "%d", rp->port);
@@ -464,9 +448,9 @@ static void router_start(struct router_proc *rp, const char *const *extra, size_
         assert_true(pw_clock_mono_ms() < until);
         int st;
         assert_int_equal(waitpid(pid, &st, WNOHANG), 0); /* still running */
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
-    sleep_ms(100); /* the function snapshot (HKEYS pw:functions) is asked for at start */
+    pw_test_sleep_ms(100); /* the function snapshot (HKEYS pw:functions) is asked for at start */
 }
 
 /* SIGTERM, reap, and fail on an unclean exit or a sanitizer report in its log. */
@@ -483,7 +467,7 @@ static void router_stop(struct router_proc *rp)
             waitpid(rp->pid, &st, 0);
             break;
         }
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
     rp->pid = 0;
     FILE *f = fopen(rp->log, "r");
@@ -600,7 +584,7 @@ static bool cancel_flag_set(const char *request_id, int wait_ms)
             return true;
         if (pw_clock_mono_ms() > until)
             return false;
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
 }
 
@@ -1101,7 +1085,7 @@ static void test_client_disconnect_sets_cancel(void **state)
                                           .finish = PARKWAY__FINISH_REASON__FINISH_REASON_STOP,
                                           .done = true});
     pw_proto_free_request(req);
-    sleep_ms(100);
+    pw_test_sleep_ms(100);
     http_do(g_router.port, "GET", "/healthz", NULL, NULL, NULL, &r);
     assert_int_equal(r.status, 200);
     resp_free(&r);
@@ -1113,7 +1097,7 @@ static void avoid_minute_edge(int min_left)
 {
     int64_t s = (pw_clock_wall_ms() / 1000) % 60;
     if (60 - s < min_left)
-        sleep_ms((int)(60 - s) * 1000 + 200);
+        pw_test_sleep_ms((int)(60 - s) * 1000 + 200);
 }
 
 static void test_rate_limit_429(void **state)
@@ -1193,7 +1177,7 @@ static void test_revoke_by_publish_is_immediate(void **state)
         status = r.status;
         resp_free(&r);
         if (status != 401)
-            sleep_ms(10); /* the message and the request race on the loop, briefly */
+            pw_test_sleep_ms(10); /* the message and the request race on the loop, briefly */
     }
     assert_int_equal(status, 401);
     hc_close(h);
@@ -1260,7 +1244,7 @@ static void test_cli_keys(void **state)
         status = r.status;
         resp_free(&r);
         if (status != 401)
-            sleep_ms(10);
+            pw_test_sleep_ms(10);
     }
     assert_int_equal(status, 401);
     snprintf(cmd, sizeof cmd, "%s keys revoke key_00000000 --redis %s >/dev/null 2>&1", PARKWAY_BIN,
@@ -1419,7 +1403,7 @@ static void wait_fn_visible(int port, const char *fn)
         ok = r.status == 200 ? ok + 1 : 0; /* new connections land on either thread */
         resp_free(&r);
         if (ok < 8)
-            sleep_ms(10);
+            pw_test_sleep_ms(10);
     }
     assert_int_equal(ok, 8);
 }
@@ -1521,7 +1505,7 @@ static void test_queue_full_gives_503(void **state)
         assert_true(
             hc_request(ab[k], "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
         for (int i = 0; i < 500 && stream_len("fnq") < k + 1; i++)
-            sleep_ms(10);
+            pw_test_sleep_ms(10);
         assert_int_equal(stream_len("fnq"), k + 1);
     }
 
@@ -1630,9 +1614,9 @@ static void test_wake_only_without_ready_engine(void **state)
             char key[PW_KEY_MAX];
             pw_key_workers(key, sizeof key, "fnwarm");
             freeReplyObject(rcmd("DEL %s", key));
-            sleep_ms(1500);
+            pw_test_sleep_ms(1500);
         } else {
-            sleep_ms(700); /* past the first look and the wake interval */
+            pw_test_sleep_ms(700); /* past the first look and the wake interval */
             engine_heartbeat("fnwarm", "w1", PARKWAY__WORKER_STATE__WORKER_STATE_READY);
         }
         int before = wakes_until_marker(sub, "fnwarm");
@@ -1777,7 +1761,7 @@ static void test_bad_redis_url_exits_2(void **state)
 {
     (void)state;
     char port[16], cmd[512];
-    snprintf(port, sizeof port, "%d", free_port());
+    snprintf(port, sizeof port, "%d", pw_test_free_port());
     snprintf(cmd, sizeof cmd, "%s --redis bogus://nowhere --port %s --threads 2 2>/dev/null",
              ROUTER_BIN, port);
     int rc = system(cmd);
@@ -1799,7 +1783,7 @@ static void test_redis_down_then_back(void **state)
         status = r.status;
         resp_free(&r);
         if (status != 503)
-            sleep_ms(20);
+            pw_test_sleep_ms(20);
     }
     assert_int_equal(status, 503);
     http_do(g_router.port, "POST", "/v1/chat/completions", g_key, NULL, CHAT_BODY, &r);
@@ -1819,7 +1803,7 @@ static void test_redis_down_then_back(void **state)
         status = r.status;
         resp_free(&r);
         if (status != 200)
-            sleep_ms(20);
+            pw_test_sleep_ms(20);
     }
     assert_int_equal(status, 200);
     /* A whole round trip again. Each worker's client and the reply reader reconnect on
@@ -1844,7 +1828,7 @@ static void test_redis_down_then_back(void **state)
         resp_free(&r);
         hc_close(h);
         if (status != 200)
-            sleep_ms(200);
+            pw_test_sleep_ms(200);
     }
     assert_int_equal(status, 200);
 }

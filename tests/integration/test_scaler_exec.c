@@ -16,16 +16,13 @@
 
 #include <cmocka.h>
 
-#include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "parkway.pb-c.h"
@@ -33,197 +30,42 @@
 #include "pw_keyspace.h"
 #include "pw_proto.h"
 #include "pw_redis.h"
+#include "pw_test_proc.h"
 #include "pw_test_redis.h"
+#include "pw_test_stack.h"
+
+#define REPLY "pw:reply:{test}"
 
 static struct pw_test_redis g_redis;
 static char g_dir[128];
 static pid_t g_scaler;
 static redisContext *g_rc;
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static void run_or_die(const char *cmd)
-{
-    int rc = system(cmd);
-    if (rc != 0) {
-        fprintf(stderr, "command failed (%d): %s\n", rc, cmd);
-        exit(1);
-    }
-}
-
-static void write_file(const char *path, const char *text)
-{
-    FILE *f = fopen(path, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    fclose(f);
-}
-
-/* The engine the scaler runs: PW_TEST_ENGINE overrides the one of this build tree. */
-static const char *engine_path(void)
-{
-    const char *e = getenv("PW_TEST_ENGINE");
-    return e && *e ? e : PW_BINARY_DIR "/engine/parkway-engine";
-}
-
-static int stop_scaler(pid_t pid, int timeout_ms);
-
-static void stop_scaler_pid(pid_t pid)
-{
-    stop_scaler(pid, 45000);
-}
-
 static pid_t start_scaler(const char *extra1, const char *extra2)
 {
-    char fdir[256], log[256];
-    snprintf(fdir, sizeof fdir, "%s/functions", g_dir);
-    snprintf(log, sizeof log, "%s/scaler.log", g_dir);
     if (g_scaler > 0) { /* left by a failed test: never orphan it */
-        stop_scaler_pid(g_scaler);
+        pw_test_stop(g_scaler, 45000);
         g_scaler = 0;
     }
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM); /* a crashed test leaves no scaler behind */
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0 && !getenv("PW_TEST_VERBOSE")) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execl(PW_BINARY_DIR "/scaler/parkway-scaler", "parkway-scaler", "--redis", g_redis.url,
-              "--functions", fdir, "--tick-ms", "100", "--provider", "exec", "--engine",
-              engine_path(), extra1, extra2, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
+    const char *extra[] = {"--provider", "exec", "--engine", pw_test_engine_path(),
+                           extra1,       extra2, NULL};
+    return pw_test_scaler_start(PW_TEST_SCALER_BIN, g_redis.url, g_dir, extra);
 }
 
-static int stop_scaler(pid_t pid, int timeout_ms)
+static void enqueue(const char *id)
 {
-    kill(pid, SIGTERM);
-    uint64_t until = pw_clock_mono_ms() + (uint64_t)timeout_ms;
-    int status;
-    while (pw_clock_mono_ms() < until) {
-        if (waitpid(pid, &status, WNOHANG) == pid)
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        sleep_ms(50);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-    return -1;
+    struct pw_test_request q = {.fn = "tiny", .id = id, .reply_to = REPLY, .max_tokens = 4};
+    pw_test_enqueue(g_rc, &q);
 }
 
-static void enqueue(const char *fn, const char *id)
-{
-    Parkway__InferenceRequest req = PARKWAY__INFERENCE_REQUEST__INIT;
-    Parkway__SamplingParams sp = PARKWAY__SAMPLING_PARAMS__INIT;
-    uint32_t toks[] = {1, 2, 3, 4};
-    req.id = (char *)id;
-    req.function = (char *)fn;
-    req.tenant = "t";
-    req.key_id = "key_test";
-    req.kind = PARKWAY__REQUEST_KIND__REQUEST_KIND_COMPLETION;
-    req.prompt_token_ids = toks;
-    req.n_prompt_token_ids = 4;
-    sp.max_tokens = 4;
-    sp.temperature = 0;
-    pw_proto_sampling_mark(&sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_MAX_TOKENS);
-    pw_proto_sampling_mark(&sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_TEMPERATURE);
-    req.sampling = &sp;
-    req.reply_to = "pw:reply:{test}";
-    req.enqueued_unix_ms = pw_clock_wall_ms();
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    const char *why = NULL;
-    assert_int_equal(pw_proto_pack_request_alloc(&req, &buf, &len, &why), PW_OK);
-    char key[PW_KEY_MAX];
-    pw_key_queue(key, sizeof key, fn);
-    const char *argv[] = {"XADD", key, "*", PW_STREAM_FIELD, (const char *)buf};
-    size_t lens[] = {4, strlen(key), 1, 1, len};
-    redisReply *r = redisCommandArgv(g_rc, 5, argv, lens);
-    assert_non_null(r);
-    assert_int_equal(r->type, REDIS_REPLY_STRING);
-    freeReplyObject(r);
-    free(buf);
-    freeReplyObject(redisCommand(g_rc, "PUBLISH %s %s", PW_KEY_WAKE, fn));
-}
-
-/* Waits for the done chunk of request id on the test reply stream; returns ms waited. */
-static int64_t wait_reply(const char *id, const char **last_id, int timeout_ms)
-{
-    static char cursor[64] = "0-0";
-    uint64_t t0 = pw_clock_mono_ms();
-    while (pw_clock_mono_ms() - t0 < (uint64_t)timeout_ms) {
-        redisReply *r =
-            redisCommand(g_rc, "XREAD COUNT 100 BLOCK 500 STREAMS pw:reply:{test} %s", cursor);
-        struct pw_stream_entries *es = NULL;
-        if (r && pw_stream_parse_read(r, &es) == PW_OK) {
-            for (size_t i = 0; i < es->n; i++) {
-                snprintf(cursor, sizeof cursor, "%s", es->v[i].id);
-                const struct pw_slice *m = pw_stream_entry_get(&es->v[i], PW_STREAM_FIELD);
-                Parkway__ReplyChunk *ch = NULL;
-                if (!m || pw_proto_unpack_reply(m->ptr, m->len, 0, &ch) != PW_OK)
-                    continue;
-                bool mine = strcmp(ch->request_id, id) == 0;
-                bool done = ch->done;
-                bool errored = ch->error != NULL;
-                pw_proto_free_reply(ch);
-                if (mine && errored)
-                    fail_msg("request %s answered with an error", id);
-                if (mine && done) {
-                    pw_stream_entries_free(es);
-                    freeReplyObject(r);
-                    *last_id = cursor;
-                    return (int64_t)(pw_clock_mono_ms() - t0);
-                }
-            }
-        }
-        pw_stream_entries_free(es);
-        freeReplyObject(r);
-    }
-    return -1;
-}
-
-/* Number of pw:events entries whose action is `action` (and replica/reason contain `sub`). */
 static size_t count_events(const char *action, const char *sub)
 {
-    redisReply *r = redisCommand(g_rc, "XRANGE %s - +", PW_KEY_EVENTS);
-    struct pw_stream_entries *es = NULL;
-    size_t n = 0;
-    if (r && pw_stream_parse_range(r, &es) == PW_OK) {
-        for (size_t i = 0; i < es->n; i++) {
-            const struct pw_slice *a = pw_stream_entry_get(&es->v[i], "action");
-            const struct pw_slice *why = pw_stream_entry_get(&es->v[i], "reason");
-            if (a && strcmp(a->ptr, action) == 0 && (!sub || (why && strstr(why->ptr, sub))))
-                n++;
-        }
-    }
-    pw_stream_entries_free(es);
-    freeReplyObject(r);
-    return n;
+    return pw_test_count_events(g_rc, action, sub);
 }
 
 static bool wait_event(const char *action, const char *sub, size_t at_least, int timeout_ms)
 {
-    uint64_t t0 = pw_clock_mono_ms();
-    while (pw_clock_mono_ms() - t0 < (uint64_t)timeout_ms) {
-        if (count_events(action, sub) >= at_least)
-            return true;
-        sleep_ms(50);
-    }
-    return false;
-}
-
-static long long hlen(const char *key)
-{
-    redisReply *r = redisCommand(g_rc, "HLEN %s", key);
-    long long n = r && r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
-    freeReplyObject(r);
-    return n;
+    return pw_test_wait_event(g_rc, action, sub, at_least, timeout_ms);
 }
 
 static int setup(void **state)
@@ -235,14 +77,11 @@ static int setup(void **state)
     snprintf(g_dir, sizeof g_dir, "/tmp/pw-scaler-exec-XXXXXX");
     if (!mkdtemp(g_dir))
         return -1;
-    char cmd[1024], path[256];
+    char path[256];
     snprintf(path, sizeof path, "%s/functions", g_dir);
     mkdir(path, 0755);
-    snprintf(cmd, sizeof cmd,
-             PW_BINARY_DIR "/tools/gguf-gen/parkway-gguf-gen --out %s/tiny.gguf --shape tiny "
-                           "--type q8_0 > /dev/null",
-             g_dir);
-    run_or_die(cmd);
+    snprintf(path, sizeof path, "%s/tiny.gguf", g_dir);
+    pw_test_gguf_gen(path, "--shape tiny --type q8_0");
     char spec[1024];
     snprintf(spec, sizeof spec,
              "name: tiny\n"
@@ -255,7 +94,7 @@ static int setup(void **state)
              "max_queue_wait: 60s\n",
              g_dir);
     snprintf(path, sizeof path, "%s/functions/tiny.yaml", g_dir);
-    write_file(path, spec);
+    pw_test_write_file(path, spec);
     snprintf(path, sizeof path, "%s/hookstate", g_dir);
     setenv("PARKWAY_HOOK_STATE_DIR", path, 1);
     if (pw_redis_sync_connect(g_redis.url, 5000, &g_rc, NULL, 0) != PW_OK)
@@ -267,17 +106,11 @@ static int teardown(void **state)
 {
     (void)state;
     if (g_scaler > 0)
-        stop_scaler(g_scaler, 45000);
+        pw_test_stop(g_scaler, 45000);
     if (g_rc)
         redisFree(g_rc);
     pw_test_redis_stop(&g_redis);
-    if (!getenv("PW_TEST_KEEP")) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-        run_or_die(cmd);
-    } else {
-        fprintf(stderr, "kept %s\n", g_dir);
-    }
+    pw_test_rmtree_unless_keep(g_dir);
     return 0;
 }
 
@@ -290,35 +123,35 @@ static void test_example_hooks(void **state)
 {
     (void)state;
     reset_redis();
-    const char *cursor = NULL;
+    struct pw_test_cursor cursor = {{0}};
     g_scaler = start_scaler("--provider-config", PW_SOURCE_DIR "/deploy/hooks/example-cloud.yaml");
     uint64_t t0 = pw_clock_mono_ms();
-    while (hlen(PW_KEY_FUNCTIONS) < 1 && pw_clock_mono_ms() - t0 < 5000)
-        sleep_ms(50);
-    enqueue("tiny", "req-1");
-    assert_true(wait_reply("req-1", &cursor, 30000) >= 0);
+    while (pw_test_hlen(g_rc, PW_KEY_FUNCTIONS) < 1 && pw_clock_mono_ms() - t0 < 5000)
+        pw_test_sleep_ms(50);
+    enqueue("req-1");
+    assert_true(pw_test_wait_done(g_rc, REPLY, &cursor, "req-1", 30000) >= 0);
     /* The cheapest offer under 0.5/h that fits, from deploy/offers/example-cloud.yaml. */
     assert_true(wait_event("provision", "cpu-4x16", 1, 5000));
     assert_true(wait_event("ready", NULL, 1, 5000));
     assert_true(wait_event("parked", NULL, 1, 30000));
     /* The hook stopped the engine: no pid file, no heartbeat. */
-    assert_int_equal(hlen("pw:{tiny}:workers"), 0);
-    enqueue("tiny", "req-2");
-    assert_true(wait_reply("req-2", &cursor, 30000) >= 0);
+    assert_int_equal(pw_test_hlen(g_rc, "pw:{tiny}:workers"), 0);
+    enqueue("req-2");
+    assert_true(pw_test_wait_done(g_rc, REPLY, &cursor, "req-2", 30000) >= 0);
     assert_true(wait_event("unpark", NULL, 1, 5000));
     /* Cost accounted at the offer's price: something was charged. */
     redisReply *r = redisCommand(g_rc, "HGET pw:{tiny}:scale cost_microusd");
     assert_non_null(r);
     assert_int_equal(r->type, REDIS_REPLY_STRING);
     freeReplyObject(r);
-    assert_int_equal(stop_scaler(g_scaler, 45000), 0);
+    assert_int_equal(pw_test_stop(g_scaler, 45000), 0);
     g_scaler = 0;
     assert_true(count_events("terminated", NULL) >= 1);
     /* terminate removed every engine the hook started */
     char cmd[512];
     snprintf(cmd, sizeof cmd, "ls %s/hookstate/*.pid > /dev/null 2>&1", g_dir);
     assert_int_not_equal(system(cmd), 0);
-    assert_int_equal(hlen("pw:{tiny}:workers"), 0);
+    assert_int_equal(pw_test_hlen(g_rc, "pw:{tiny}:workers"), 0);
 }
 
 static void test_bad_hooks_open_breaker(void **state)
@@ -340,7 +173,7 @@ static void test_bad_hooks_open_breaker(void **state)
              "*) echo '{\"state\":\"failed\"}' ;;\n"
              "esac\n",
              g_dir, g_dir);
-    write_file(path, text);
+    pw_test_write_file(path, text);
     chmod(path, 0755);
     snprintf(conf, sizeof conf, "%s/bad.yaml", g_dir);
     snprintf(text, sizeof text,
@@ -349,16 +182,16 @@ static void test_bad_hooks_open_breaker(void **state)
              "timeouts:\n  provision: 500ms\n"
              "offers: %s/deploy/offers/example-cloud.yaml\n",
              PW_SOURCE_DIR);
-    write_file(conf, text);
+    pw_test_write_file(conf, text);
     g_scaler = start_scaler("--provider-config", conf);
-    enqueue("tiny", "req-x");
+    enqueue("req-x");
     assert_true(wait_event("replica_failed", "timed out after 500 ms", 1, 10000));
     assert_true(wait_event("replica_failed", "invalid JSON", 1, 10000));
     assert_true(wait_event("error", "breaker", 1, 15000));
     /* The breaker holds: no more than the threshold of attempts. */
-    sleep_ms(1000);
+    pw_test_sleep_ms(1000);
     assert_true(count_events("provision", NULL) <= 3);
-    assert_int_equal(stop_scaler(g_scaler, 45000), 0);
+    assert_int_equal(pw_test_stop(g_scaler, 45000), 0);
     g_scaler = 0;
 }
 
@@ -367,7 +200,7 @@ static void test_bad_config(void **state)
     (void)state;
     char conf[256];
     snprintf(conf, sizeof conf, "%s/broken.yaml", g_dir);
-    write_file(conf, "hooks:\n  provision: /nonexistent/hook\n");
+    pw_test_write_file(conf, "hooks:\n  provision: /nonexistent/hook\n");
     pid_t pid = start_scaler("--provider-config", conf);
     int status;
     waitpid(pid, &status, 0);

@@ -29,10 +29,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "parkway.pb-c.h"
@@ -40,7 +38,9 @@
 #include "pw_keyspace.h"
 #include "pw_proto.h"
 #include "pw_redis.h"
+#include "pw_test_proc.h"
 #include "pw_test_redis.h"
+#include "pw_test_stack.h"
 
 #define FN "slow"
 #define REPLY "pw:reply:{failover}"
@@ -57,97 +57,18 @@ static pid_t g_scaler;
 static redisContext *g_rc;
 static double g_tok_per_ms; /* measured by the warm-up */
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static void run_or_die(const char *cmd)
-{
-    int rc = system(cmd);
-    if (rc != 0) {
-        fprintf(stderr, "command failed (%d): %s\n", rc, cmd);
-        exit(1);
-    }
-}
-
-static const char *engine_path(void)
-{
-    const char *e = getenv("PW_TEST_ENGINE");
-    return e && *e ? e : PW_BINARY_DIR "/engine/parkway-engine";
-}
-
-static int stop_scaler(pid_t pid, int timeout_ms)
-{
-    kill(pid, SIGTERM);
-    uint64_t until = pw_clock_mono_ms() + (uint64_t)timeout_ms;
-    int status;
-    while (pw_clock_mono_ms() < until) {
-        if (waitpid(pid, &status, WNOHANG) == pid)
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        sleep_ms(50);
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-    return -1;
-}
-
 static pid_t start_scaler(void)
 {
-    char fdir[256], log[256];
-    snprintf(fdir, sizeof fdir, "%s/functions", g_dir);
-    snprintf(log, sizeof log, "%s/scaler.log", g_dir);
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0 && !getenv("PW_TEST_VERBOSE")) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execl(PW_BINARY_DIR "/scaler/parkway-scaler", "parkway-scaler", "--redis", g_redis.url,
-              "--functions", fdir, "--tick-ms", "100", "--engine", engine_path(),
-              "--engine-arg=--claim-idle-ms=" CLAIM_IDLE_MS, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
+    const char *extra[] = {"--engine", pw_test_engine_path(),
+                           "--engine-arg=--claim-idle-ms=" CLAIM_IDLE_MS, NULL};
+    return pw_test_scaler_start(PW_TEST_SCALER_BIN, g_redis.url, g_dir, extra);
 }
 
 static void enqueue(const char *id, uint32_t max_tokens)
 {
-    Parkway__InferenceRequest req = PARKWAY__INFERENCE_REQUEST__INIT;
-    Parkway__SamplingParams sp = PARKWAY__SAMPLING_PARAMS__INIT;
-    uint32_t toks[] = {1, 2, 3, 4};
-    req.id = (char *)id;
-    req.function = FN;
-    req.tenant = "t";
-    req.key_id = "key_test";
-    req.kind = PARKWAY__REQUEST_KIND__REQUEST_KIND_COMPLETION;
-    req.prompt_token_ids = toks;
-    req.n_prompt_token_ids = 4;
-    sp.max_tokens = max_tokens;
-    sp.temperature = 0;
-    sp.ignore_eos = true;
-    pw_proto_sampling_mark(&sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_MAX_TOKENS);
-    pw_proto_sampling_mark(&sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_TEMPERATURE);
-    req.sampling = &sp;
-    req.reply_to = REPLY;
-    req.enqueued_unix_ms = pw_clock_wall_ms();
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    const char *why = NULL;
-    assert_int_equal(pw_proto_pack_request_alloc(&req, &buf, &len, &why), PW_OK);
-    char key[PW_KEY_MAX];
-    pw_key_queue(key, sizeof key, FN);
-    const char *argv[] = {"XADD", key, "*", PW_STREAM_FIELD, (const char *)buf};
-    size_t lens[] = {4, strlen(key), 1, 1, len};
-    redisReply *r = redisCommandArgv(g_rc, 5, argv, lens);
-    assert_non_null(r);
-    assert_int_equal(r->type, REDIS_REPLY_STRING);
-    freeReplyObject(r);
-    free(buf);
-    freeReplyObject(redisCommand(g_rc, "PUBLISH %s %s", PW_KEY_WAKE, FN));
+    struct pw_test_request q = {
+        .fn = FN, .id = id, .reply_to = REPLY, .max_tokens = max_tokens, .ignore_eos = true};
+    pw_test_enqueue(g_rc, &q);
 }
 
 /* What the reply stream holds for one request, as a router would dedup it. */
@@ -219,37 +140,19 @@ static int64_t wait_done(const char *id, int timeout_ms)
             fail_msg("request %s answered with an error", id);
         if (a.done)
             return (int64_t)(pw_clock_mono_ms() - t0);
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
     return -1;
 }
 
 static size_t count_events(const char *action)
 {
-    redisReply *r = redisCommand(g_rc, "XRANGE %s - +", PW_KEY_EVENTS);
-    struct pw_stream_entries *es = NULL;
-    size_t n = 0;
-    if (r && pw_stream_parse_range(r, &es) == PW_OK) {
-        for (size_t i = 0; i < es->n; i++) {
-            const struct pw_slice *a = pw_stream_entry_get(&es->v[i], "action");
-            if (a && strcmp(a->ptr, action) == 0)
-                n++;
-        }
-    }
-    pw_stream_entries_free(es);
-    freeReplyObject(r);
-    return n;
+    return pw_test_count_events(g_rc, action, NULL);
 }
 
 static bool wait_event(const char *action, size_t at_least, int timeout_ms)
 {
-    uint64_t t0 = pw_clock_mono_ms();
-    while (pw_clock_mono_ms() - t0 < (uint64_t)timeout_ms) {
-        if (count_events(action) >= at_least)
-            return true;
-        sleep_ms(50);
-    }
-    return false;
+    return pw_test_wait_event(g_rc, action, NULL, at_least, timeout_ms);
 }
 
 /* Pending entries of the engines group on pw:{fn}:q. */
@@ -302,17 +205,17 @@ static int setup(void **state)
     snprintf(g_dir, sizeof g_dir, "/tmp/pw-scaler-failover-XXXXXX");
     if (!mkdtemp(g_dir))
         return -1;
-    char cmd[1024], path[256];
+    char args[256], path[256];
     snprintf(path, sizeof path, "%s/functions", g_dir);
     mkdir(path, 0755);
     /* Small but not trivial: a few hundred tokens/s on 2 cores, so a long answer lasts
      * seconds without a huge context. */
-    snprintf(cmd, sizeof cmd,
-             PW_BINARY_DIR "/tools/gguf-gen/parkway-gguf-gen --out %s/slow.gguf --shape custom "
-                           "--n-layer 4 --n-embd 384 --n-ff 1024 --n-head 6 --n-head-kv 2 "
-                           "--n-ctx %d --type q8_0 > /dev/null",
-             g_dir, CTX);
-    run_or_die(cmd);
+    snprintf(path, sizeof path, "%s/slow.gguf", g_dir);
+    snprintf(args, sizeof args,
+             "--shape custom --n-layer 4 --n-embd 384 --n-ff 1024 --n-head 6 --n-head-kv 2 "
+             "--n-ctx %d --type q8_0",
+             CTX);
+    pw_test_gguf_gen(path, args);
     char spec[1024];
     snprintf(spec, sizeof spec,
              "name: " FN "\n"
@@ -325,11 +228,7 @@ static int setup(void **state)
              "max_queue_wait: 120s\n",
              g_dir, CTX);
     snprintf(path, sizeof path, "%s/functions/" FN ".yaml", g_dir);
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return -1;
-    fputs(spec, f);
-    fclose(f);
+    pw_test_write_file(path, spec);
     if (pw_redis_sync_connect(g_redis.url, 10000, &g_rc, NULL, 0) != PW_OK)
         return -1;
     g_scaler = start_scaler();
@@ -351,20 +250,14 @@ static int teardown(void **state)
 {
     (void)state;
     if (g_scaler > 0) {
-        int rc = stop_scaler(g_scaler, 60000);
+        int rc = pw_test_stop(g_scaler, 60000);
         if (rc != 0)
             fprintf(stderr, "scaler exit %d\n", rc);
     }
     if (g_rc)
         redisFree(g_rc);
     pw_test_redis_stop(&g_redis);
-    if (!getenv("PW_TEST_KEEP")) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-        run_or_die(cmd);
-    } else {
-        fprintf(stderr, "kept %s\n", g_dir);
-    }
+    pw_test_rmtree_unless_keep(g_dir);
     return 0;
 }
 
@@ -388,7 +281,7 @@ static void wait_parked(void)
             return;
         if (pw_clock_mono_ms() - t0 > 40000)
             fail_msg("the function did not park");
-        sleep_ms(50);
+        pw_test_sleep_ms(50);
     }
 }
 
@@ -411,7 +304,7 @@ static void test_sigkill_mid_request_is_reclaimed(void **state)
         if (a.chunks > 0 && pid > 0)
             break;
         assert_true(pw_clock_mono_ms() - t0 < 60000);
-        sleep_ms(10);
+        pw_test_sleep_ms(10);
     }
     assert_int_equal(a.done, 0); /* mid-generation */
     assert_int_equal(kill(pid, SIGKILL), 0);
@@ -445,7 +338,7 @@ static void test_sigkill_mid_request_is_reclaimed(void **state)
     }
     uint64_t tp = pw_clock_mono_ms();
     while (group_pending() != 0 && pw_clock_mono_ms() - tp < 5000)
-        sleep_ms(50);
+        pw_test_sleep_ms(50);
     assert_int_equal(group_pending(), 0);
 }
 
@@ -472,7 +365,7 @@ static void test_scale_down_waits_for_in_flight(void **state)
             assert_int_equal(count_events("drain"), drain0);
             assert_int_equal(count_events("parked"), parked0);
             assert_true(pw_clock_mono_ms() - t0 < 180000);
-            sleep_ms(20);
+            pw_test_sleep_ms(20);
         }
         uint64_t ran = pw_clock_mono_ms() - t0;
         fprintf(stderr, "%s: %u tokens in %llu ms\n", id, n, (unsigned long long)ran);
@@ -547,7 +440,7 @@ static void test_cli_ls_and_events(void **state)
               "--follow", "--redis", g_redis.url, (char *)NULL);
         _exit(127);
     }
-    sleep_ms(1000);
+    pw_test_sleep_ms(1000);
     freeReplyObject(redisCommand(g_rc,
                                  "XADD %s * function " FN " action test_marker replica - "
                                  "reason hello",
@@ -556,7 +449,7 @@ static void test_cli_ls_and_events(void **state)
                                  "XADD %s * function other action other_marker replica - "
                                  "reason x",
                                  PW_KEY_EVENTS));
-    sleep_ms(1500);
+    pw_test_sleep_ms(1500);
     kill(fp, SIGTERM);
     int st = 0;
     waitpid(fp, &st, 0);

@@ -8,7 +8,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -27,6 +26,7 @@
 #include <hiredis/hiredis.h>
 
 #include "pw_log.h"
+#include "pw_test_proc.h"
 
 static char server_path[PATH_MAX];
 
@@ -61,28 +61,6 @@ void pw_test_redis_require(void)
         fprintf(stderr, "redis-server not found: skipping\n");
         exit(77);
     }
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 static pid_t spawn(struct pw_test_redis *r, const char *exe)
@@ -165,7 +143,7 @@ static bool wait_ready(struct pw_test_redis *r, int timeout_ms)
         } else if (c) {
             redisFree(c);
         }
-        sleep_ms(20);
+        pw_test_sleep_ms(20);
     }
     return false;
 }
@@ -217,7 +195,7 @@ static void reap(struct pw_test_redis *r, int sig)
             r->pid = 0;
             return;
         }
-        sleep_ms(10);
+        pw_test_sleep_ms(10);
     }
     kill(r->pid, SIGKILL);
     waitpid(r->pid, NULL, 0);
@@ -249,7 +227,7 @@ enum pw_err pw_test_redis_start(struct pw_test_redis *r)
         return PW_ERR_IO;
     snprintf(r->sock, sizeof r->sock, "%s/redis.sock", r->dir);
     for (int tries = 0; tries < 8; tries++) {
-        r->port = free_port();
+        r->port = pw_test_free_port();
         if (r->port <= 0)
             continue;
         fill_urls(r);
@@ -260,20 +238,11 @@ enum pw_err pw_test_redis_start(struct pw_test_redis *r)
     return PW_ERR_IO;
 }
 
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st;
-    (void)flag;
-    (void)ftw;
-    remove(path);
-    return 0;
-}
-
 void pw_test_redis_stop(struct pw_test_redis *r)
 {
     reap(r, SIGTERM);
     if (r->dir[0]) {
-        nftw(r->dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+        pw_test_rmtree(r->dir);
         r->dir[0] = '\0';
     }
 }
@@ -294,7 +263,7 @@ enum pw_err pw_test_redis_resume(struct pw_test_redis *r)
     for (int tries = 0; tries < 20; tries++) {
         if (start_fixed(r, exe))
             return PW_OK;
-        sleep_ms(100);
+        pw_test_sleep_ms(100);
     }
     return PW_ERR_IO;
 }
