@@ -1,10 +1,16 @@
 /*
  * engine_kv: paged KV-cache bookkeeping with prefix reuse (see engine_kv.h).
  *
- * Free blocks sit on one doubly-linked list: blocks without reusable content at the head
- * (taken first), blocks holding a registered prefix at the tail in the order they were
- * freed, so the least recently used cached prefix is evicted first. Registered blocks are
- * found through a chained hash table keyed by the block's chain hash.
+ * Free blocks sit on two doubly-linked lists:
+ *   PLAIN   blocks without reusable content, a stack: the most recently freed is taken
+ *           first, so blocks whose pages are already resident are reused before untouched
+ *           ones (the cache is an anonymous mapping: untouched blocks cost no memory);
+ *   CACHED  blocks holding a registered prefix, in the order they were freed: the least
+ *           recently used is evicted first.
+ * Blocks come from PLAIN while the cached ones number at most cache_budget (an eighth of
+ * the pool); past it the oldest cached block is evicted instead, so retained prefixes
+ * cannot walk the whole pool into memory. Registered blocks are found through a chained
+ * hash table keyed by the block's chain hash.
  */
 #include "engine_kv.h"
 
@@ -12,23 +18,29 @@
 #include <string.h>
 
 #define NIL UINT32_MAX
+#define LIST_PLAIN 0
+#define LIST_CACHED 1
 
 struct engine_kv_pool {
     uint32_t n_blocks;
-    uint32_t block_size;      /* tokens per block */
-    uint32_t max_seq_blocks;  /* blocks one sequence may hold */
-    uint32_t *refcount;       /* (n_blocks) sequences mapping the block */
-    uint64_t *hash;           /* (n_blocks) chain hash, valid when registered */
-    uint64_t *parent_hash;    /* (n_blocks) chain hash of the previous block */
-    int32_t *tokens;          /* (n_blocks, block_size) token ids, valid when registered */
-    uint8_t *registered;      /* (n_blocks) findable through the table */
-    uint8_t *in_free;         /* (n_blocks) on the free list */
-    uint32_t *free_prev;      /* (n_blocks) free list links */
+    uint32_t block_size;     /* tokens per block */
+    uint32_t max_seq_blocks; /* blocks one sequence may hold */
+    uint32_t *refcount;      /* (n_blocks) sequences mapping the block */
+    uint64_t *hash;          /* (n_blocks) chain hash, valid when registered */
+    uint64_t *parent_hash;   /* (n_blocks) chain hash of the previous block */
+    int32_t *tokens;         /* (n_blocks, block_size) token ids, valid when registered */
+    uint8_t *registered;     /* (n_blocks) findable through the table */
+    uint8_t *in_free;        /* (n_blocks) 0, or 1 + the free list it is on */
+    uint32_t *free_prev;     /* (n_blocks) free list links */
     uint32_t *free_next;
-    uint32_t free_head, free_tail, n_free;
-    uint32_t *bucket;         /* (n_buckets) first block of each hash chain */
-    uint32_t *bucket_next;    /* (n_blocks) next block in the same chain */
-    uint32_t n_buckets;       /* power of two */
+    struct {
+        uint32_t head, tail, n;
+    } lists[2];            /* LIST_PLAIN, LIST_CACHED */
+    uint32_t n_free;       /* on either list */
+    uint32_t cache_budget; /* cached free blocks kept before evicting instead */
+    uint32_t *bucket;      /* (n_buckets) first block of each hash chain */
+    uint32_t *bucket_next; /* (n_blocks) next block in the same chain */
+    uint32_t n_buckets;    /* power of two */
     uint64_t hit_tokens, lookup_tokens;
 };
 
@@ -45,40 +57,53 @@ static uint64_t chain_hash(uint64_t parent, const int32_t *tokens, uint32_t n)
 
 static void free_unlink(struct engine_kv_pool *p, uint32_t b)
 {
+    int l = p->in_free[b] - 1;
+    PW_ASSERT(l == LIST_PLAIN || l == LIST_CACHED);
     uint32_t prev = p->free_prev[b], next = p->free_next[b];
     if (prev != NIL)
         p->free_next[prev] = next;
     else
-        p->free_head = next;
+        p->lists[l].head = next;
     if (next != NIL)
         p->free_prev[next] = prev;
     else
-        p->free_tail = prev;
+        p->lists[l].tail = prev;
     p->in_free[b] = 0;
+    p->lists[l].n--;
     p->n_free--;
 }
 
-static void free_push(struct engine_kv_pool *p, uint32_t b, bool at_tail)
+/* Plain blocks go on top of their stack; cached ones at the young end of their queue. */
+static void free_push(struct engine_kv_pool *p, uint32_t b, int l)
 {
-    if (at_tail) {
-        p->free_prev[b] = p->free_tail;
+    if (l == LIST_CACHED) {
+        p->free_prev[b] = p->lists[l].tail;
         p->free_next[b] = NIL;
-        if (p->free_tail != NIL)
-            p->free_next[p->free_tail] = b;
+        if (p->lists[l].tail != NIL)
+            p->free_next[p->lists[l].tail] = b;
         else
-            p->free_head = b;
-        p->free_tail = b;
+            p->lists[l].head = b;
+        p->lists[l].tail = b;
     } else {
-        p->free_next[b] = p->free_head;
+        p->free_next[b] = p->lists[l].head;
         p->free_prev[b] = NIL;
-        if (p->free_head != NIL)
-            p->free_prev[p->free_head] = b;
+        if (p->lists[l].head != NIL)
+            p->free_prev[p->lists[l].head] = b;
         else
-            p->free_tail = b;
-        p->free_head = b;
+            p->lists[l].tail = b;
+        p->lists[l].head = b;
     }
-    p->in_free[b] = 1;
+    p->in_free[b] = (uint8_t)(l + 1);
+    p->lists[l].n++;
     p->n_free++;
+}
+
+/* The block a reservation takes next (n_free > 0). */
+static uint32_t free_take(const struct engine_kv_pool *p)
+{
+    if (p->lists[LIST_PLAIN].n == 0 || p->lists[LIST_CACHED].n > p->cache_budget)
+        return p->lists[LIST_CACHED].head;
+    return p->lists[LIST_PLAIN].head;
 }
 
 static void table_insert(struct engine_kv_pool *p, uint32_t b)
@@ -104,15 +129,15 @@ static uint32_t table_find(const struct engine_kv_pool *p, uint64_t h, uint64_t 
 {
     for (uint32_t b = p->bucket[h & (p->n_buckets - 1)]; b != NIL; b = p->bucket_next[b]) {
         if (p->hash[b] == h && p->parent_hash[b] == parent &&
-            memcmp(p->tokens + (size_t)b * p->block_size, tokens,
-                   p->block_size * sizeof *tokens) == 0)
+            memcmp(p->tokens + (size_t)b * p->block_size, tokens, p->block_size * sizeof *tokens) ==
+                0)
             return b;
     }
     return NIL;
 }
 
-enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size,
-                                  uint32_t max_seq_tokens, struct engine_kv_pool **out)
+enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size, uint32_t max_seq_tokens,
+                                  struct engine_kv_pool **out)
 {
     *out = NULL;
     if (n_blocks == 0 || block_size == 0 || max_seq_tokens == 0 || n_blocks >= NIL / 2)
@@ -143,9 +168,10 @@ enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size,
     }
     for (uint32_t i = 0; i < p->n_buckets; i++)
         p->bucket[i] = NIL;
-    p->free_head = p->free_tail = NIL;
-    for (uint32_t b = 0; b < n_blocks; b++)
-        free_push(p, b, true);
+    p->lists[0].head = p->lists[0].tail = p->lists[1].head = p->lists[1].tail = NIL;
+    p->cache_budget = n_blocks / 8 > 0 ? n_blocks / 8 : 1;
+    for (uint32_t b = n_blocks; b-- > 0;)
+        free_push(p, b, LIST_PLAIN); /* block 0 on top */
     *out = p;
     return PW_OK;
 }
@@ -208,7 +234,7 @@ void engine_kv_seq_reset(struct engine_kv_pool *p, struct engine_kv_seq *seq)
         uint32_t b = seq->blocks[i];
         PW_ASSERT(p->refcount[b] > 0);
         if (--p->refcount[b] == 0)
-            free_push(p, b, p->registered[b] != 0);
+            free_push(p, b, p->registered[b] ? LIST_CACHED : LIST_PLAIN);
     }
     seq->n_blocks = 0;
     seq->n_tokens = 0;
@@ -272,7 +298,7 @@ enum pw_err engine_kv_seq_reserve(struct engine_kv_pool *p, struct engine_kv_seq
     if (need > p->n_free)
         return PW_ERR_AGAIN;
     for (uint32_t k = 0; k < need; k++) {
-        uint32_t b = p->free_head;
+        uint32_t b = free_take(p);
         free_unlink(p, b);
         if (p->registered[b])
             table_remove(p, b); /* evicting a cached prefix block */

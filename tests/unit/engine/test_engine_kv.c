@@ -184,6 +184,43 @@ static void test_empty_blocks_are_taken_before_cached_ones(void **state)
     engine_kv_pool_destroy(p);
 }
 
+/* Distinct prompts one after another must not walk the whole pool into memory: retained
+ * prefixes are capped (an eighth of the pool), then the oldest is evicted. */
+static void test_retained_prefixes_are_bounded(void **state)
+{
+    (void)state;
+    struct engine_kv_pool *p;
+    assert_int_equal(engine_kv_pool_create(64, 4, 64, &p), PW_OK);
+    uint8_t touched[64] = {0};
+    for (int r = 0; r < 100; r++) {
+        int32_t prompt[12];
+        fill(prompt, 12, 1000 * r);
+        struct engine_kv_seq s;
+        uint32_t cached;
+        engine_kv_seq_init(p, &s);
+        engine_kv_seq_match_prefix(p, &s, prompt, 12, &cached);
+        assert_int_equal(engine_kv_seq_reserve(p, &s, 12 - cached), PW_OK);
+        engine_kv_seq_commit(p, &s, prompt, 12);
+        for (uint32_t i = 0; i < s.n_blocks; i++)
+            touched[s.blocks[i]] = 1;
+        engine_kv_seq_deinit(p, &s);
+    }
+    int n = 0;
+    for (int i = 0; i < 64; i++)
+        n += touched[i];
+    assert_true(n <= 3 + 64 / 8 + 3);
+    /* the most recent prompt is still cached */
+    int32_t last[12];
+    fill(last, 12, 1000 * 99);
+    struct engine_kv_seq s;
+    uint32_t cached;
+    engine_kv_seq_init(p, &s);
+    engine_kv_seq_match_prefix(p, &s, last, 12, &cached);
+    assert_int_equal(cached, 8);
+    engine_kv_seq_deinit(p, &s);
+    engine_kv_pool_destroy(p);
+}
+
 static void test_randomized_accounting(void **state)
 {
     (void)state;
@@ -237,6 +274,7 @@ int main(void)
         cmocka_unit_test(test_prefix_reuse_shares_full_blocks),
         cmocka_unit_test(test_cached_blocks_survive_until_evicted),
         cmocka_unit_test(test_empty_blocks_are_taken_before_cached_ones),
+        cmocka_unit_test(test_retained_prefixes_are_bounded),
         cmocka_unit_test(test_randomized_accounting),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
