@@ -278,13 +278,15 @@ def main():
     load_avg = os.getloadavg()
 
     print(
-        "llama.cpp benchmark: %s, llama-cpp-python %s (ggml %s, commit %s), %d threads, best of %d"
+        "llama.cpp benchmark: %s, llama-cpp-python %s (ggml %s, commit %s), %d threads, "
+        "flash attention %s, best of %d"
         % (
             args.model,
             ver["llama_cpp_python"],
             ver.get("ggml_version", "?"),
             ver.get("ggml_commit", "?"),
             args.threads,
+            args.flash_attn,
             args.reps,
         )
     )
@@ -322,6 +324,7 @@ def main():
         "peak_rss_mib": round(peak, 1),
         "python_rss_mib": round(python_rss, 1),
         "threads": args.threads,
+        "flash_attn": args.flash_attn,
         "llama_cpp_python": ver["llama_cpp_python"],
         "ggml_commit": ver.get("ggml_commit", "?"),
         "loadavg_1m_before": round(load_before[0], 2),

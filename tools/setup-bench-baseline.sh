@@ -31,11 +31,18 @@ cmake_args+=" ${PARKWAY_BENCH_CMAKE_ARGS:-}"
 jobs=${PARKWAY_BENCH_JOBS:-$(nproc)}
 nice_level=${PARKWAY_BENCH_NICE:-10}
 
-# The stamp covers everything that changes the build: requirements, CMake flags, CPU flags.
+# Two stamps: the build (the pinned llama-cpp-python line, CMake flags, CPU flags) and the
+# whole requirements file; a change in the other pins does not rebuild llama.cpp.
+pin=$(grep -i '^llama[-_]cpp[-_]python==' "$req")
+[ -n "$pin" ] || { echo "setup-bench-baseline: no llama-cpp-python pin in $req" >&2; exit 1; }
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | sha256sum | cut -d' ' -f1)
-want=$( (cat "$req"; echo "$cmake_args"; echo "$cpu_flags") | sha256sum | cut -d' ' -f1)
-stamp=$venv/.bench-baseline.sha256
-if [ "$force" = 0 ] && [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] &&
+build_want=$( (echo "$pin"; echo "$cmake_args"; echo "$cpu_flags") | sha256sum | cut -d' ' -f1)
+req_want=$(sha256sum "$req" | cut -d' ' -f1)
+build_stamp=$venv/.bench-build.sha256
+req_stamp=$venv/.bench-requirements.sha256
+if [ "$force" = 0 ] && [ -x "$venv/bin/python" ] &&
+    [ "$(cat "$build_stamp" 2>/dev/null)" = "$build_want" ] &&
+    [ "$(cat "$req_stamp" 2>/dev/null)" = "$req_want" ] &&
     "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     echo "setup-bench-baseline: $venv is up to date" >&2
     exit 0
@@ -53,14 +60,22 @@ if [ ! -x "$venv/bin/python" ]; then
     py=/usr/bin/python3
     [ -x "$py" ] || py=$(command -v python3)
     "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip
 
-echo "setup-bench-baseline: building llama-cpp-python from source (CMAKE_ARGS=$cmake_args)" >&2
-# --no-binary: always build here for this CPU; --no-cache-dir: never reuse a wheel that pip
-# cached from a build with other flags.
-CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" FORCE_CMAKE=1 \
+export CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$jobs" FORCE_CMAKE=1
+if [ "$force" = 1 ] || [ "$(cat "$build_stamp" 2>/dev/null)" != "$build_want" ] ||
+    ! "$venv/bin/pip" show -q llama-cpp-python >/dev/null 2>&1; then
+    echo "setup-bench-baseline: building $pin from source (CMAKE_ARGS=$cmake_args)" >&2
+    rm -f "$build_stamp" "$req_stamp"
+    # --no-binary: always build here for this CPU; --no-cache-dir: never reuse a wheel that
+    # pip cached from a build with other flags.
     nice -n "$nice_level" "$venv/bin/pip" install --disable-pip-version-check --no-cache-dir \
-    --no-binary llama-cpp-python --force-reinstall --upgrade -r "$req"
+        --no-binary llama-cpp-python --force-reinstall --no-deps "$pin"
+    echo "$build_want" >"$build_stamp"
+fi
+# The other pins; llama-cpp-python is already there at the pinned version, so this builds
+# nothing.
+"$venv/bin/pip" install -q --disable-pip-version-check --no-binary llama-cpp-python -r "$req"
 "$venv/bin/python" -c 'import llama_cpp; print("setup-bench-baseline: llama_cpp", llama_cpp.__version__)' >&2
-echo "$want" >"$stamp"
+echo "$req_want" >"$req_stamp"
