@@ -7,7 +7,7 @@
  *           ones (the cache is an anonymous mapping: untouched blocks cost no memory);
  *   CACHED  blocks holding a registered prefix, in the order they were freed: the least
  *           recently used is evicted first.
- * Blocks come from PLAIN while the cached ones number at most cache_budget (an eighth of
+ * Blocks come from PLAIN while the cached ones number at most cache_budget (a sixteenth of
  * the pool); past it the oldest cached block is evicted instead, so retained prefixes
  * cannot walk the whole pool into memory. Registered blocks are found through a chained
  * hash table keyed by the block's chain hash.
@@ -169,7 +169,7 @@ enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size, uint32
     for (uint32_t i = 0; i < p->n_buckets; i++)
         p->bucket[i] = NIL;
     p->lists[0].head = p->lists[0].tail = p->lists[1].head = p->lists[1].tail = NIL;
-    p->cache_budget = n_blocks / 8 > 0 ? n_blocks / 8 : 1;
+    p->cache_budget = n_blocks / 16 > 0 ? n_blocks / 16 : 1;
     for (uint32_t b = n_blocks; b-- > 0;)
         free_push(p, b, LIST_PLAIN); /* block 0 on top */
     *out = p;

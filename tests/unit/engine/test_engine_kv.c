@@ -185,7 +185,7 @@ static void test_empty_blocks_are_taken_before_cached_ones(void **state)
 }
 
 /* Distinct prompts one after another must not walk the whole pool into memory: retained
- * prefixes are capped (an eighth of the pool), then the oldest is evicted. */
+ * prefixes are capped (a sixteenth of the pool), then the oldest is evicted. */
 static void test_retained_prefixes_are_bounded(void **state)
 {
     (void)state;
