@@ -29,8 +29,8 @@ struct engine_kv_pool;
 
 /* A sequence's view of the pool; caller-owned, _init/_deinit. */
 struct engine_kv_seq {
-    uint32_t *blocks;   /* block table, owned; capacity max_blocks */
-    uint32_t n_blocks;  /* blocks in use */
+    uint32_t *blocks;  /* block table, owned; capacity max_blocks */
+    uint32_t n_blocks; /* blocks in use */
     uint32_t max_blocks;
     uint32_t n_tokens;  /* tokens whose KV is (or is being) in the blocks */
     uint32_t n_hashed;  /* leading full blocks already registered for reuse */
@@ -41,8 +41,8 @@ struct engine_kv_seq {
  * Creates a pool of n_blocks blocks of block_size tokens; max_seq_tokens bounds one
  * sequence (the context length). Returns PW_ERR_INVAL for zero sizes, PW_ERR_NOMEM.
  */
-enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size,
-                                  uint32_t max_seq_tokens, struct engine_kv_pool **out);
+enum pw_err engine_kv_pool_create(uint32_t n_blocks, uint32_t block_size, uint32_t max_seq_tokens,
+                                  struct engine_kv_pool **out);
 void engine_kv_pool_destroy(struct engine_kv_pool *pool);
 
 uint32_t engine_kv_pool_block_size(const struct engine_kv_pool *pool);

@@ -8,6 +8,7 @@
  */
 #include "engine_unicode.h"
 
+/* clang-format off */
 const struct engine_unicode_range engine_unicode_ranges[] = {
     {0x00009, 0x0000D, 4},
     {0x00020, 0x00020, 4},

@@ -29,10 +29,10 @@
 #define PW_KEY_NAME_MAX 128 /* longest function/router/request id, bytes */
 #define PW_KEY_MAX 160      /* buffer that fits any key built here, with the NUL */
 
-#define PW_KEY_KEYS "pw:keys"      /* hash: sha256(api key) -> KeyRecord */
-#define PW_KEY_WAKE "pw:wake"      /* pub/sub channel: router -> scaler */
-#define PW_KEY_EVENTS "pw:events"  /* stream: scaler decisions */
-#define PW_GROUP_ENGINES "engines" /* consumer group on pw:{fn}:q and pw:{fn}:b */
+#define PW_KEY_KEYS "pw:keys"           /* hash: sha256(api key) -> KeyRecord */
+#define PW_KEY_WAKE "pw:wake"           /* pub/sub channel: router -> scaler */
+#define PW_KEY_EVENTS "pw:events"       /* stream: scaler decisions */
+#define PW_GROUP_ENGINES "engines"      /* consumer group on pw:{fn}:q and pw:{fn}:b */
 #define PW_KEY_FUNCTIONS "pw:functions" /* hash: function name -> spec JSON (pw_spec_to_json) */
 /* The one field of every request and reply stream entry: a packed protobuf message
  * (InferenceRequest on pw:{fn}:q and pw:{fn}:b, ReplyChunk on pw:reply:{router}). */

@@ -71,8 +71,7 @@ static void stderr_sink(const char *line, size_t len)
     (void)n;
 }
 
-void pw_log_vwrite(enum pw_log_level level, const char *file, int line, const char *fmt,
-                   va_list ap)
+void pw_log_vwrite(enum pw_log_level level, const char *file, int line, const char *fmt, va_list ap)
 {
     char buf[PW_LOG_LINE_MAX];
     struct timespec ts;
@@ -83,8 +82,8 @@ void pw_log_vwrite(enum pw_log_level level, const char *file, int line, const ch
     base = base ? base + 1 : file;
 
     int n = snprintf(buf, sizeof buf, "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ level=%s src=%s:%d ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000L, pw_log_level_name(level), base, line);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000L, pw_log_level_name(level), base, line);
     size_t len = (n < 0) ? 0 : (size_t)n;
     if (len < sizeof buf) {
         int m = vsnprintf(buf + len, sizeof buf - len, fmt, ap);

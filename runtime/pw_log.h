@@ -50,12 +50,10 @@ static inline bool pw_log_enabled(enum pw_log_level level)
     return level >= pw_log_get_level();
 }
 
-__attribute__((format(printf, 4, 5))) void pw_log_write(enum pw_log_level level,
-                                                        const char *file, int line,
-                                                        const char *fmt, ...);
-__attribute__((format(printf, 4, 0))) void pw_log_vwrite(enum pw_log_level level,
-                                                         const char *file, int line,
-                                                         const char *fmt, va_list ap);
+__attribute__((format(printf, 4, 5))) void pw_log_write(enum pw_log_level level, const char *file,
+                                                        int line, const char *fmt, ...);
+__attribute__((format(printf, 4, 0))) void pw_log_vwrite(enum pw_log_level level, const char *file,
+                                                         int line, const char *fmt, va_list ap);
 
 /*
  * Writes s into buf as a log value: bare if it has only safe characters, else in double
@@ -63,10 +61,10 @@ __attribute__((format(printf, 4, 0))) void pw_log_vwrite(enum pw_log_level level
  */
 const char *pw_log_quote(char *buf, size_t cap, const char *s);
 
-#define PW_LOG_AT(level, ...)                                                              \
-    do {                                                                                   \
-        if (pw_log_enabled(level))                                                         \
-            pw_log_write(level, __FILE__, __LINE__, __VA_ARGS__);                          \
+#define PW_LOG_AT(level, ...)                                                                      \
+    do {                                                                                           \
+        if (pw_log_enabled(level))                                                                 \
+            pw_log_write(level, __FILE__, __LINE__, __VA_ARGS__);                                  \
     } while (0)
 
 #define PW_LOG_DEBUG(...) PW_LOG_AT(PW_LOG_LEVEL_DEBUG, __VA_ARGS__)

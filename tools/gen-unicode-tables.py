@@ -58,6 +58,7 @@ def main():
     out.write(" * (letter = L*, number = N*, space = White_Space); code points not listed have none.\n")
     out.write(" */\n")
     out.write('#include "engine_unicode.h"\n\n')
+    out.write("/* clang-format off */\n")
     out.write("const struct engine_unicode_range engine_unicode_ranges[] = {\n")
     for lo, hi, f in ranges:
         out.write("    {0x%05X, 0x%05X, %d},\n" % (lo, hi, f))

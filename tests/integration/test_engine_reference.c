@@ -11,8 +11,8 @@
  * F16 KV cache): max |logit diff| <= 3e-2, KL <= 1e-5, top-1 equal, and the engine's argmax
  * equal to the reference's greedy token at every teacher-forced step whose reference margin
  * is above 1e-3. PW_REF_TIER=precise asks for the float-activation bounds of the reference
- * document (max |diff| <= 2e-3); PW_REF_TIER=q8 selects the document's bounds for an engine with 8-bit
- * activations and an F16 KV cache instead (centered max <= 2, max <= 3, top-64 logprob
+ * document (max |diff| <= 2e-3); PW_REF_TIER=q8 selects the document's bounds for an engine with
+ * 8-bit activations and an F16 KV cache instead (centered max <= 2, max <= 3, top-64 logprob
  * <= 1, KL <= 0.05, flips only where the margin is <= 0.5). The measured numbers are
  * printed either way.
  *

@@ -126,9 +126,18 @@ static pid_t start_up(const char *state_dir, int redis_port, int router_port)
         int null = open("/dev/null", O_WRONLY);
         dup2(null, 2);
         /* The router and scaler are not part of this test: it checks up's own steps. */
-        char *argv[] = {PARKWAY, "up", "--redis-only", "--state-dir", (char *)state_dir,
-                        "--functions", PW_SOURCE_DIR "/functions", "--redis-port", rp, "--port",
-                        hp, NULL};
+        char *argv[] = {PARKWAY,
+                        "up",
+                        "--redis-only",
+                        "--state-dir",
+                        (char *)state_dir,
+                        "--functions",
+                        PW_SOURCE_DIR "/functions",
+                        "--redis-port",
+                        rp,
+                        "--port",
+                        hp,
+                        NULL};
         execv(argv[0], argv);
         _exit(127);
     }

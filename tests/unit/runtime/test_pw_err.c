@@ -27,7 +27,7 @@ static void test_out_of_range_is_unknown(void **state)
 {
     (void)state;
     assert_string_equal(pw_err_name((enum pw_err)PW_ERR_COUNT_), "unknown");
-    assert_string_equal(pw_err_name((enum pw_err)-1), "unknown");
+    assert_string_equal(pw_err_name((enum pw_err) - 1), "unknown");
     assert_string_equal(pw_err_desc((enum pw_err)9999), "unknown error");
 }
 
