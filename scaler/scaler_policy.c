@@ -233,13 +233,72 @@ static struct ref_offer reference_offer(const struct scaler_policy_input *in)
 /* ------------------------------------------------------------------------------------ */
 /* Adaptive plan: keep-alive and pre-warm windows from the idle-gap histogram           */
 
+/* Sub-points per histogram bin for the pre-warm start: a bin is 5 % wide (30 s at 10 min),
+ * so its gaps are taken as spread evenly over SCALER_PREWARM_SUBBINS points inside it. */
+#define SCALER_PREWARM_SUBBINS 8
+
+/*
+ * The cheapest pre-warm start W (ms after the last request) for the gaps beyond the
+ * keep-alive K (bins first..hi; `beyond` of them, window end `to`), or false when no
+ * pre-warm beats taking the cold starts. Per gap g, with s the start time:
+ *   no pre-warm:            penalty                      (cold start)
+ *   g < W:                  penalty                      (came before the window)
+ *   W <= g < W + s:         s * p + (W + s - g) * L      (waits for the unpark under way)
+ *   W + s <= g <= to:       (g - W) * p                  (served warm)
+ *   g > to:                 (to - W) * p + penalty       (window ran out)
+ * Candidates: W = each sub-point's lower edge - s - one tick (the policy may notice a tick
+ * late), W > K. Equal costs go to the later W (less machine time for the same outcome).
+ */
+static bool prewarm_start(const struct scaler_policy_state *st, const struct bins *bn, size_t first,
+                          size_t hi, double keep_ms, double to, double start_ms, double price_ms,
+                          double penalty, double beyond, double *from_out)
+{
+    const double lat_ms = (penalty - start_ms * price_ms) / (start_ms > 0 ? start_ms : 1);
+    const double none = beyond * penalty;
+    double best = none, best_w = -1;
+    for (size_t cb = hi + 1; cb-- > first;) {
+        double clo = cb ? bn->up[cb - 1] : 0, cw = (bn->up[cb] - clo) / SCALER_PREWARM_SUBBINS;
+        for (int ck = SCALER_PREWARM_SUBBINS - 1; ck >= 0; ck--) {
+            double w = clo + ck * cw - start_ms - SCALER_TICK_MS;
+            if (w <= keep_ms)
+                continue;
+            double cost = 0;
+            for (size_t b = first; b < SCALER_GAP_BINS; b++) {
+                if (!st->gap_hist[b])
+                    continue;
+                double lo = b ? bn->up[b - 1] : 0, bw = (bn->up[b] - lo) / SCALER_PREWARM_SUBBINS;
+                double m = (double)st->gap_hist[b] / SCALER_PREWARM_SUBBINS;
+                for (int k = 0; k < SCALER_PREWARM_SUBBINS; k++) {
+                    double g = lo + (k + 0.5) * bw;
+                    if (g < w)
+                        cost += m * penalty;
+                    else if (g < w + start_ms)
+                        cost += m * (start_ms * price_ms + (w + start_ms - g) * lat_ms);
+                    else if (g <= to)
+                        cost += m * (g - w) * price_ms;
+                    else
+                        cost += m * ((to - w) * price_ms + penalty);
+                }
+            }
+            if (cost < best) {
+                best = cost;
+                best_w = w;
+            }
+        }
+    }
+    if (best_w < 0)
+        return false;
+    *from_out = best_w;
+    return true;
+}
+
 /*
  * Expected cost per gap of keeping warm for K ms after a request, over the histogram:
  *   sum_b c_b * (min(rep_b, K) * price_ms + [rep_b > K] * penalty)
  * Keep-alive = the K (0, a bin edge, or idle_ms) that minimises it; ties go to the longer
  * K (fewer cold starts for the same money). Pre-warm: over the gaps longer than K, warm
- * again from (their 5th percentile's lower edge - start time) to their 99th percentile's
- * upper edge, if that window costs less than the cold starts it saves.
+ * again from the start prewarm_start() finds cheapest to their 99th percentile's upper
+ * edge, if that costs less than the cold starts it saves.
  */
 static void make_plan(struct scaler_policy_state *st, const struct scaler_policy_spec *spec,
                       const struct ref_offer *ref, int64_t start_ms)
@@ -281,38 +340,29 @@ static void make_plan(struct scaler_policy_state *st, const struct scaler_policy
     st->plan_prewarm_from_ms = 0;
     st->plan_prewarm_to_ms = 0;
 
-    /* Pre-warm over the gaps the keep-alive does not cover. */
+    /* Pre-warm over the gaps the keep-alive does not cover. The window ends at the upper
+     * edge of their 99th-percentile bin; its start is chosen by cost (prewarm_start). */
     size_t first = 0;
     while (first < SCALER_GAP_BINS && bn.rep[first] <= best_k)
         first++;
     double beyond = suffix[first < SCALER_GAP_BINS ? first : SCALER_GAP_BINS];
     if (first >= SCALER_GAP_BINS || beyond < SCALER_GAP_MIN_SAMPLES)
         return;
-    double lo_want = beyond * 0.05, hi_want = beyond * 0.99, cum = 0;
-    size_t lo = SCALER_GAP_BINS, hi = SCALER_GAP_BINS;
+    double hi_want = beyond * 0.99, cum = 0;
+    size_t hi = SCALER_GAP_BINS;
     for (size_t i = first; i < SCALER_GAP_BINS; i++) {
         cum += st->gap_hist[i];
-        if (lo == SCALER_GAP_BINS && cum > lo_want)
-            lo = i;
         if (cum >= hi_want) {
             hi = i;
             break;
         }
     }
-    if (lo >= SCALER_GAP_BINS || hi >= SCALER_GAP_BINS - 1)
+    if (hi >= SCALER_GAP_BINS - 1)
         return;
-    double from = (lo ? bn.up[lo - 1] : 0) - (double)start_ms - SCALER_TICK_MS;
     double to = bn.up[hi];
-    if (from <= best_k)
-        return; /* contiguous with the keep-alive: the optimiser already said no */
-    double inside = 0;
-    for (size_t i = lo; i <= hi; i++)
-        inside += st->gap_hist[i];
-    /* Per gap beyond K: the window costs at most its length; it saves a cold start for the
-     * share of gaps that land inside it. */
-    double cost = (to - from) * price_ms;
-    double saved = inside / beyond * penalty;
-    if (cost < saved) {
+    double from = 0;
+    if (prewarm_start(st, &bn, first, hi, best_k, to, (double)start_ms, price_ms, penalty, beyond,
+                      &from)) {
         st->plan_prewarm_from_ms = (int64_t)from;
         st->plan_prewarm_to_ms = (int64_t)to;
     }
@@ -778,8 +828,12 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
             if (extra_ms < 0)
                 extra_ms = 0;
             double price_ms = (double)running_price(o, r->spot) / 3600000.0;
-            double cold_extra =
-                extra_ms / 1000.0 * (double)penalty_per_s(spec) + extra_ms * price_ms;
+            /* A spare is wanted only while another replica already serves, so starting it
+             * fresh instead of unparking makes no request wait for a cold start: only the
+             * longer start is paid, not the latency penalty. */
+            double cold_extra = extra_ms * price_ms;
+            if (first)
+                cold_extra += extra_ms / 1000.0 * (double)penalty_per_s(spec);
             if (parked_cost > cold_extra) {
                 taken[i] = true;
                 add_action(out, SCALER_ACT_TERMINATE, r->id, -1,
