@@ -49,6 +49,7 @@
 #include "engine_tokenizer.h"
 #include "kernel.h"
 #include "parkway.pb-c.h"
+#include "pw_cli.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_log.h"
@@ -897,13 +898,7 @@ int engine_worker_run(struct engine *e)
         }
         snprintf(w.worker_id, sizeof w.worker_id, "%s", e->opts.worker_id);
     } else {
-        char host[64] = "host";
-        gethostname(host, sizeof host - 1);
-        for (char *p = host; *p; p++)
-            if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-                  (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
-                *p = '-';
-        snprintf(w.worker_id, sizeof w.worker_id, "%s-%d", host, (int)getpid());
+        pw_cli_host_pid_id(w.worker_id, sizeof w.worker_id, "engine");
     }
     pw_key_queue(w.key_q, sizeof w.key_q, w.fn);
     pw_key_batch_lane(w.key_b, sizeof w.key_b, w.fn);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "pw_cli.h"
 #include "pw_log.h"
 
 static void usage(FILE *out)
@@ -49,10 +50,8 @@ static void usage(FILE *out)
 
 static int parse_u32(const char *name, const char *s, uint32_t max, uint32_t *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || end == s || v > max || s[0] == '-') {
+    unsigned long long v;
+    if (!pw_cli_parse_uint(s, max, &v)) {
         fprintf(stderr, "parkway-engine: --%s: expected an integer 0..%u, got '%s'\n", name, max,
                 s);
         return -1;

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pw_cli.h"
 #include "pw_log.h"
 #include "pw_storage.h"
 #include "router.h"
@@ -56,15 +57,11 @@ static void usage(FILE *out)
 static int parse_num(const char *name, const char *s, unsigned long long max,
                      unsigned long long *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || end == s || s[0] == '-' || v > max) {
+    if (!pw_cli_parse_uint(s, max, out)) {
         fprintf(stderr, "parkway-router: --%s: expected an integer 0..%llu, got '%s'\n", name, max,
                 s);
         return -1;
     }
-    *out = v;
     return 0;
 }
 
@@ -218,13 +215,7 @@ int main(int argc, char **argv)
     if (cfg->router_id) {
         snprintf(rt.router_id, sizeof rt.router_id, "%s", cfg->router_id);
     } else {
-        char host[64] = "router";
-        gethostname(host, sizeof host - 1);
-        for (char *p = host; *p; p++)
-            if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-                  (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
-                *p = '-';
-        snprintf(rt.router_id, sizeof rt.router_id, "%s-%d", host, (int)getpid());
+        pw_cli_host_pid_id(rt.router_id, sizeof rt.router_id, "router");
     }
 
     char err[512] = "";

@@ -27,6 +27,7 @@
 #include "parkway.pb-c.h"
 #include "parkway_cli.h"
 #include "pw_apikey.h"
+#include "pw_cli.h"
 #include "pw_clock.h"
 #include "pw_err.h"
 #include "pw_keyspace.h"
@@ -58,10 +59,8 @@ static void keys_usage(FILE *f)
 
 static int parse_u32(const char *opt, const char *s, uint32_t max, uint32_t *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-' || v > max) {
+    unsigned long long v;
+    if (!pw_cli_parse_uint(s, max, &v)) {
         fprintf(stderr, "parkway keys: --%s: expected an integer 0..%" PRIu32 ", got '%s'\n", opt,
                 max, s);
         return -1;
