@@ -101,6 +101,7 @@ struct worker {
     char fn[PW_KEY_NAME_MAX + 1];
     char key_q[PW_KEY_MAX], key_b[PW_KEY_MAX], key_workers[PW_KEY_MAX];
     char worker_id[PW_KEY_NAME_MAX + 1];
+    char host[256];             /* this machine's name, read once at start for the heartbeats */
     struct worker_req *reqs;    /* in flight, newest first */
     uint32_t n_pending_replies; /* pipelined commands whose replies are not read yet */
     bool redis_broken;
@@ -606,8 +607,6 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
     w->last_hb_ms = now;
     w->last_tokens = w->tokens_generated;
     Parkway__WorkerStatus ws = PARKWAY__WORKER_STATUS__INIT;
-    char host[256] = "";
-    gethostname(host, sizeof host - 1);
     uint32_t total, free_;
     engine_sched_kv_blocks(w->e->sched, &total, &free_);
     ws.worker_id = w->worker_id;
@@ -621,7 +620,7 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
     ws.last_heartbeat_unix_ms = pw_clock_wall_ms();
     ws.started_unix_ms = w->started_ms;
     ws.pid = (uint32_t)getpid();
-    ws.host = host;
+    ws.host = w->host;
     /* "cpu" or "cuda" (the proto's values); the exact ISA is in the engine_ready log line */
     ws.backend = strncmp(w->e->be->ops->name(w->e->be), "cuda", 4) == 0 ? "cuda" : "cpu";
     ws.model_sha256 = w->spec->model.sha256;
@@ -890,6 +889,8 @@ int engine_worker_run(struct engine *e)
         return pw_err_exit_code(pe);
     }
     snprintf(w.fn, sizeof w.fn, "%s", w.spec->name);
+    if (gethostname(w.host, sizeof w.host - 1) != 0)
+        w.host[0] = '\0';
     if (e->opts.worker_id) {
         if (!pw_key_name_ok(e->opts.worker_id)) {
             fprintf(stderr, "parkway-engine: --worker-id: use 1-128 of [A-Za-z0-9._-]\n");
