@@ -3,6 +3,7 @@
  *
  *   parkway-scaler --redis URL [--functions DIR] [--provider local|exec]
  *                  [--provider-config FILE] [--engine PATH] [--tick-ms N]
+ *                  [--batch-defer-ms N]
  *                  [--leave-instances] [--engine-arg ARG]...
  *
  * --engine-arg ARG (repeatable) appends ARG to every engine command line the local
@@ -41,6 +42,8 @@ static void usage(FILE *out)
                  "  --engine PATH          parkway-engine to run (default: next to this program,\n"
                  "                         ../engine/parkway-engine)\n"
                  "  --tick-ms N            observation period (default 250)\n"
+                 "  --batch-defer-ms N     longest wait of batch-only demand for a spot or free\n"
+                 "                         machine (default 300000)\n"
                  "  --leave-instances      on SIGTERM, leave replicas running\n"
                  "  --engine-arg ARG       local: append ARG to each engine's command line\n"
                  "                         (repeatable; e.g. --engine-arg=--claim-idle-ms=3000)\n");
@@ -149,6 +152,7 @@ int main(int argc, char **argv)
         O_TICK,
         O_LEAVE,
         O_EARG,
+        O_BDEFER,
         O_HELP
     };
     static const struct option longopts[] = {
@@ -159,6 +163,7 @@ int main(int argc, char **argv)
         {"engine", required_argument, NULL, O_ENGINE},
         {"tick-ms", required_argument, NULL, O_TICK},
         {"leave-instances", no_argument, NULL, O_LEAVE},
+        {"batch-defer-ms", required_argument, NULL, O_BDEFER},
         {"engine-arg", required_argument, NULL, O_EARG},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
@@ -195,6 +200,17 @@ int main(int argc, char **argv)
         case O_LEAVE:
             s.opts.leave_instances = true;
             break;
+        case O_BDEFER: {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(optarg, &end, 10);
+            if (errno || *end || end == optarg || v < 1 || v > 7ULL * 24 * 3600 * 1000) {
+                fprintf(stderr, "parkway-scaler: --batch-defer-ms: expected 1..604800000\n");
+                return 2;
+            }
+            s.opts.batch_defer_ms = v;
+            break;
+        }
         case O_EARG:
             if (s.opts.n_engine_args >= SCALER_ENGINE_ARGS_MAX) {
                 fprintf(stderr, "parkway-scaler: --engine-arg: at most %d\n",
@@ -282,6 +298,7 @@ int main(int argc, char **argv)
         pw_key_workers(fn->key_workers, sizeof fn->key_workers, fn->spec->name);
         pw_key_scale(fn->key_scale, sizeof fn->key_scale, fn->spec->name);
         scaler_policy_spec_from(&fn->pspec, fn->spec);
+        fn->pspec.batch_defer_ms = s.opts.batch_defer_ms;
         scaler_cost_init(&fn->cost);
         PW_LOG_INFO("event=function_loaded function=%s min=%u max=%u idle_s=%u idle_action=%s",
                     fn->spec->name, fn->spec->scaling.min_replicas, fn->spec->scaling.max_replicas,

@@ -38,6 +38,8 @@ struct scaler_children;
 #define SCALER_HEARTBEAT_LOST_MS 15000
 /* pw:events is trimmed to about this many entries. */
 #define SCALER_EVENTS_MAXLEN 10000
+/* A standing policy note (batch_defer) is logged to pw:events again at most this often. */
+#define SCALER_NOTE_EVERY_MS 30000
 /* Specs and groups are registered again every this many ticks (Redis may have restarted). */
 #define SCALER_REGISTER_EVERY_TICKS 40
 /* Most --engine-arg options. */
@@ -54,6 +56,7 @@ struct scaler_opts {
     const char *engine_path;     /* --engine; default ../engine/parkway-engine next to us */
     uint32_t tick_ms;            /* --tick-ms; default SCALER_TICK_MS */
     bool leave_instances;        /* --leave-instances: on SIGTERM do not terminate replicas */
+    uint64_t batch_defer_ms;     /* --batch-defer-ms; 0 = SCALER_BATCH_DEFER_MS */
     const char *engine_args[SCALER_ENGINE_ARGS_MAX]; /* --engine-arg, in order (argv strings) */
     size_t n_engine_args;
 };
@@ -88,10 +91,15 @@ struct scaler_fn_obs {
     int64_t q_oldest_ms;  /* wall ms of the oldest undelivered entry; 0 = none */
     int64_t q_last_id_ms; /* wall ms of the newest entry ever added; 0 = none */
     char q_last_delivered[PW_STREAM_ID_MAX]; /* group cursor */
-    bool q_lag_unknown;  /* Redis could not say (after deletions): XRANGE counts */
-    uint64_t b_lag;      /* batch lane entries not yet delivered */
-    uint64_t b_pending;  /* batch lane entries delivered, not acknowledged */
-    int64_t b_oldest_ms; /* wall ms of the oldest undelivered batch entry */
+    bool q_lag_unknown;       /* Redis could not say (after deletions): XRANGE counts */
+    uint64_t b_lag;           /* batch lane entries not yet delivered */
+    uint64_t b_pending;       /* batch lane entries delivered, not acknowledged */
+    int64_t b_oldest_ms;      /* wall ms of the oldest undelivered batch entry; 0 = none */
+    int64_t b_deadline_ms;    /* earliest deadline_unix_ms of the sampled waiting batch
+                                 entries; 0 = none */
+    uint64_t b_work_tokens;   /* estimated tokens of the waiting batch entries; 0 = unknown */
+    uint64_t q_prompt_tokens; /* estimated prompt tokens of the waiting interactive entries */
+    bool phase2;              /* the per-lane XRANGEs of this round were sent */
     char b_last_delivered[PW_STREAM_ID_MAX];
     struct pw_stream_entries *workers;   /* HGETALL pw:{fn}:workers; owned until applied */
     struct pw_stream_entries *consumers; /* XPENDING summary as (consumer, count) pairs */
@@ -114,6 +122,8 @@ struct scaler_fn {
     int64_t last_request_ms;                /* newest of wake and stream arrival; 0 = never */
     uint32_t last_desired;                  /* desired at the last tick */
     char last_error[SCALER_REASON_MAX + 1]; /* policy error last logged (log on change) */
+    char last_note[SCALER_REASON_MAX + 1];  /* policy note last logged */
+    int64_t last_note_ms;                   /* wall ms it was logged; 0 = never */
     /* observation round */
     unsigned obs_outstanding; /* replies still expected; 0 = idle */
     bool obs_failed;          /* a reply failed: skip this round */

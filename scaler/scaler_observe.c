@@ -7,8 +7,16 @@
  *   XPENDING pw:{fn}:q engines  summary: pending entries per consumer (= per replica)
  *   HGETALL pw:{fn}:workers   engine heartbeats
  *   XINFO GROUPS pw:{fn}:b    batch lane lag
+ * then, for each lane with entries waiting (phase 2, the two in parallel):
  *   XRANGE pw:{fn}:q (last-delivered + COUNT 100: the oldest waiting entry's age (and the
- *                             lag, when Redis cannot compute it after deletions)
+ *                             lag, when Redis cannot compute it after deletions), and the
+ *                             queued prompt tokens, estimated from these entries
+ *   XRANGE pw:{fn}:b (last-delivered + COUNT 100: the oldest waiting batch entry's age, the
+ *                             earliest deadline among them (the batch's completion window)
+ *                             and the tokens the waiting batch work needs, estimated
+ * Entries are packed InferenceRequest messages in field "m" (runtime/pw_proto.h). Token
+ * estimates: prompt = characters / 4 (+ token ids), output = max_tokens or
+ * OBS_OUTPUT_TOKENS; over a sample of 100 entries, scaled to the lane's lag.
  * Stream ids are "<ms>-<seq>" from the Redis server's wall clock: the entry's arrival.
  * A failed reply (Redis down) abandons the round; the next tick tries again, and the
  * replicas keep their state meanwhile. Loop thread only.
@@ -19,8 +27,14 @@
 #include <string.h>
 
 #include "pw_log.h"
+#include "pw_proto.h"
 #include "pw_redis.h"
 #include "scaler.h"
+
+/* Output tokens assumed for a request without max_tokens. */
+#define OBS_OUTPUT_TOKENS 256
+/* Entries sampled per lane for ages, deadlines and token estimates. */
+#define OBS_SAMPLE "100"
 
 static int64_t id_ms(const char *id)
 {
@@ -192,6 +206,38 @@ static void on_workers(struct pw_redis *r, struct pw_stream_entries *entries, en
     round_step(fn);
 }
 
+/* Estimated prompt and output tokens of one queued entry; false if it does not decode. */
+static bool entry_tokens(const struct pw_stream_entry *e, uint64_t *prompt, uint64_t *output,
+                         int64_t *deadline_ms)
+{
+    const struct pw_slice *m = pw_stream_entry_get(e, "m");
+    Parkway__InferenceRequest *req = NULL;
+    if (!m || pw_proto_unpack_request(m->ptr, m->len, 0, &req) != PW_OK)
+        return false;
+    uint64_t chars = strlen(req->prompt ? req->prompt : "");
+    for (size_t i = 0; i < req->n_messages; i++)
+        if (req->messages[i] && req->messages[i]->content)
+            chars += strlen(req->messages[i]->content);
+    *prompt = chars / 4 + req->n_prompt_token_ids + 1;
+    *output =
+        pw_proto_sampling_has(req->sampling, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_MAX_TOKENS)
+            ? req->sampling->max_tokens
+            : OBS_OUTPUT_TOKENS;
+    *deadline_ms = req->deadline_unix_ms;
+    pw_proto_free_request(req);
+    return true;
+}
+
+/* Sums over the sampled entries, scaled to `lag` entries. */
+static uint64_t scale_to(uint64_t sum, size_t sampled, uint64_t lag)
+{
+    if (sampled == 0)
+        return 0;
+    if (lag <= sampled)
+        return sum;
+    return (uint64_t)((double)sum * (double)lag / (double)sampled);
+}
+
 static void on_oldest(struct pw_redis *r, struct pw_stream_entries *entries, enum pw_err err,
                       const char *errstr, void *ud)
 {
@@ -202,6 +248,15 @@ static void on_oldest(struct pw_redis *r, struct pw_stream_entries *entries, enu
             fn->obs.q_oldest_ms = id_ms(entries->v[0].id);
         if (fn->obs.q_lag_unknown)
             fn->obs.q_lag = entries->n;
+        uint64_t sum = 0, p, o;
+        int64_t dl;
+        size_t ok = 0;
+        for (size_t i = 0; i < entries->n; i++)
+            if (entry_tokens(&entries->v[i], &p, &o, &dl)) {
+                sum += p;
+                ok++;
+            }
+        fn->obs.q_prompt_tokens = scale_to(sum, ok, fn->obs.q_lag);
     }
     pw_stream_entries_free(entries);
     round_step(fn);
@@ -219,6 +274,39 @@ static void on_range_reply(struct pw_redis *r, const redisReply *reply, enum pw_
     on_oldest(r, e, err, errstr, ud);
 }
 
+/* The batch lane's waiting entries: oldest age, earliest deadline, work tokens. */
+static void on_batch_oldest(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                            const char *errstr, void *ud)
+{
+    (void)r;
+    struct scaler_fn *fn = ud;
+    struct pw_stream_entries *entries = NULL;
+    if (err == PW_OK && pw_stream_parse_range(reply, &entries) != PW_OK) {
+        err = PW_ERR_PROTO;
+        errstr = "bad XRANGE reply";
+    }
+    if (!failed(fn, err, errstr, "XRANGE") && entries) {
+        struct scaler_fn_obs *o = &fn->obs;
+        if (entries->n > 0)
+            o->b_oldest_ms = id_ms(entries->v[0].id);
+        uint64_t sum = 0, p, out;
+        int64_t dl, first = 0;
+        size_t ok = 0;
+        for (size_t i = 0; i < entries->n; i++) {
+            if (!entry_tokens(&entries->v[i], &p, &out, &dl))
+                continue;
+            sum += p + out;
+            ok++;
+            if (dl > 0 && (first == 0 || dl < first))
+                first = dl;
+        }
+        o->b_work_tokens = scale_to(sum, ok, o->b_lag);
+        o->b_deadline_ms = first;
+    }
+    pw_stream_entries_free(entries);
+    round_step(fn);
+}
+
 /* Called once per reply; the last one of phase 1 may start phase 2, the last one of all
  * hands over to the reconciler. */
 static void round_step(struct scaler_fn *fn)
@@ -229,20 +317,25 @@ static void round_step(struct scaler_fn *fn)
     if (s->stopping)
         return;
     struct scaler_fn_obs *o = &fn->obs;
-    if (!fn->obs_failed && o->q_oldest_ms == 0 && (o->q_lag > 0 || o->q_lag_unknown) &&
-        o->q_last_delivered[0]) {
-        /* Phase 2: the oldest undelivered entry (sentinel: -1 marks "asked"). */
-        char start[PW_STREAM_ID_MAX + 1];
-        snprintf(start, sizeof start, "(%s", o->q_last_delivered);
-        o->q_oldest_ms = -1;
-        fn->obs_outstanding = 1;
-        if (pw_redis_command(s->redis, on_range_reply, fn, "XRANGE", fn->key_q, start, "+", "COUNT",
-                             "100", NULL) == PW_OK)
+    if (!fn->obs_failed && !o->phase2) {
+        /* Phase 2: the waiting entries of each lane that has some. */
+        o->phase2 = true;
+        bool want_q = (o->q_lag > 0 || o->q_lag_unknown) && o->q_last_delivered[0];
+        bool want_b = o->b_lag > 0 && o->b_last_delivered[0];
+        char start_q[PW_STREAM_ID_MAX + 1], start_b[PW_STREAM_ID_MAX + 1];
+        snprintf(start_q, sizeof start_q, "(%s", o->q_last_delivered);
+        snprintf(start_b, sizeof start_b, "(%s", o->b_last_delivered);
+        /* Count first (plus one of ours), as in scaler_observe_fn. */
+        fn->obs_outstanding = 1 + (unsigned)want_q + (unsigned)want_b;
+        if (want_q && pw_redis_command(s->redis, on_range_reply, fn, "XRANGE", fn->key_q, start_q,
+                                       "+", "COUNT", OBS_SAMPLE, NULL) != PW_OK)
+            fn->obs_outstanding--;
+        if (want_b && pw_redis_command(s->redis, on_batch_oldest, fn, "XRANGE", fn->key_b, start_b,
+                                       "+", "COUNT", OBS_SAMPLE, NULL) != PW_OK)
+            fn->obs_outstanding--;
+        if (--fn->obs_outstanding > 0)
             return;
-        fn->obs_outstanding = 0;
     }
-    if (o->q_oldest_ms < 0)
-        o->q_oldest_ms = 0;
     if (!fn->obs_failed)
         scaler_reconcile_fn(s, fn);
     if (fn->tick_again && !s->stopping) {

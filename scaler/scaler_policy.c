@@ -14,6 +14,7 @@
  */
 #include "scaler_policy.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -91,6 +92,13 @@ void scaler_policy_record_gap(struct scaler_policy_state *st, int64_t gap_ms)
 {
     if (gap_ms < 0)
         return;
+    struct scaler_gap_sample *g = &st->recent[st->gaps_seen % SCALER_GAP_RECENT];
+    int64_t before = st->gap_ewma_ms ? st->gap_ewma_ms : gap_ms;
+    g->gap_ms = gap_ms > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)gap_ms;
+    g->ewma_ms = before > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)before;
+    st->gaps_seen++;
+    if (st->gaps_seen == 0) /* wrapped: keep "0 = no plan" meaning nothing recorded */
+        st->gaps_seen = SCALER_GAP_RECENT;
     st->gap_ewma_ms = st->gap_ewma_ms == 0 ? gap_ms
                                            : (gap_ms * SCALER_GAP_EWMA_PERMILLE +
                                               st->gap_ewma_ms * (1000 - SCALER_GAP_EWMA_PERMILLE)) /
@@ -231,6 +239,68 @@ static struct ref_offer reference_offer(const struct scaler_policy_input *in)
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* The gaps the plan is made from: conditioned on the current rate                      */
+
+const char *scaler_plan_basis_name(enum scaler_plan_basis b)
+{
+    static const char *const names[] = {"none", "all", "rate"};
+    if ((unsigned)b >= sizeof names / sizeof names[0])
+        return "unknown";
+    return names[b];
+}
+
+/*
+ * Fills hist with the gaps the next keep-alive/pre-warm should be planned from, and says
+ * which. The current rate estimate is the gap EWMA e. Each recent gap carries the EWMA in
+ * force when it began, e_i; the SCALER_GAP_NEIGHBORS gaps with the smallest |ln(e_i / e)|
+ * (ties: the more recent), of those within a factor SCALER_GAP_NEAR_FACTOR of e, are the
+ * gaps that followed a similar rate. If there are at least SCALER_GAP_MIN_SAMPLES, they
+ * are the plan's histogram (basis RATE); if not, the history is not representative of this rate and
+ * all recent gaps are used (basis ALL), as they are while no more than SCALER_GAP_NEIGHBORS gaps
+ * have been recorded.
+ */
+static enum scaler_plan_basis plan_hist(const struct scaler_policy_state *st, uint32_t *hist)
+{
+    memset(hist, 0, SCALER_GAP_BINS * sizeof *hist);
+    size_t n = st->gaps_seen < SCALER_GAP_RECENT ? st->gaps_seen : SCALER_GAP_RECENT;
+    if (n <= SCALER_GAP_NEIGHBORS) {
+        for (size_t i = 0; i < n; i++)
+            hist[bin_of(st->recent[i].gap_ms)]++;
+        return SCALER_PLAN_ALL;
+    }
+    double e = (double)(st->gap_ewma_ms > 0 ? st->gap_ewma_ms : 1);
+    double dist[SCALER_GAP_RECENT];
+    bool used[SCALER_GAP_RECENT];
+    for (size_t j = 0; j < n; j++) {
+        double ei = st->recent[j].ewma_ms ? (double)st->recent[j].ewma_ms : 1.0;
+        dist[j] = fabs(log(ei / e));
+        used[j] = false;
+    }
+    const double near_d = log((double)SCALER_GAP_NEAR_FACTOR) + 1e-9;
+    size_t near = 0;
+    for (size_t k = 0; k < SCALER_GAP_NEIGHBORS; k++) {
+        size_t best = n;
+        for (size_t age = 0; age < n; age++) { /* newest first: ties go to the newer */
+            size_t j = (st->gaps_seen - 1 - age) % SCALER_GAP_RECENT;
+            if (!used[j] && (best == n || dist[j] < dist[best]))
+                best = j;
+        }
+        used[best] = true;
+        if (dist[best] > near_d)
+            break; /* the rest are further still */
+        hist[bin_of(st->recent[best].gap_ms)]++;
+        near++;
+    }
+    if (near >= SCALER_GAP_MIN_SAMPLES)
+        return SCALER_PLAN_RATE;
+    /* Not representative of the current rate: plan from all recent gaps. */
+    memset(hist, 0, SCALER_GAP_BINS * sizeof *hist);
+    for (size_t j = 0; j < n; j++)
+        hist[bin_of(st->recent[j].gap_ms)]++;
+    return SCALER_PLAN_ALL;
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* Adaptive plan: keep-alive and pre-warm windows from the idle-gap histogram           */
 
 /* Sub-points per histogram bin for the pre-warm start: a bin is 5 % wide (30 s at 10 min),
@@ -249,8 +319,8 @@ static struct ref_offer reference_offer(const struct scaler_policy_input *in)
  * Candidates: W = each sub-point's lower edge - s - one tick (the policy may notice a tick
  * late), W > K. Equal costs go to the later W (less machine time for the same outcome).
  */
-static bool prewarm_start(const struct scaler_policy_state *st, const struct bins *bn, size_t first,
-                          size_t hi, double keep_ms, double to, double start_ms, double price_ms,
+static bool prewarm_start(const uint32_t *hist, const struct bins *bn, size_t first, size_t hi,
+                          double keep_ms, double to, double start_ms, double price_ms,
                           double penalty, double beyond, double *from_out)
 {
     const double lat_ms = (penalty - start_ms * price_ms) / (start_ms > 0 ? start_ms : 1);
@@ -264,10 +334,10 @@ static bool prewarm_start(const struct scaler_policy_state *st, const struct bin
                 continue;
             double cost = 0;
             for (size_t b = first; b < SCALER_GAP_BINS; b++) {
-                if (!st->gap_hist[b])
+                if (!hist[b])
                     continue;
                 double lo = b ? bn->up[b - 1] : 0, bw = (bn->up[b] - lo) / SCALER_PREWARM_SUBBINS;
-                double m = (double)st->gap_hist[b] / SCALER_PREWARM_SUBBINS;
+                double m = (double)hist[b] / SCALER_PREWARM_SUBBINS;
                 for (int k = 0; k < SCALER_PREWARM_SUBBINS; k++) {
                     double g = lo + (k + 0.5) * bw;
                     if (g < w)
@@ -300,8 +370,9 @@ static bool prewarm_start(const struct scaler_policy_state *st, const struct bin
  * again from the start prewarm_start() finds cheapest to their 99th percentile's upper
  * edge, if that costs less than the cold starts it saves.
  */
-static void make_plan(struct scaler_policy_state *st, const struct scaler_policy_spec *spec,
-                      const struct ref_offer *ref, int64_t start_ms)
+static void make_plan(struct scaler_policy_state *st, const uint32_t *hist,
+                      const struct scaler_policy_spec *spec, const struct ref_offer *ref,
+                      int64_t start_ms)
 {
     double price_ms = (double)running_price(ref->offer, ref->spot) / 3600000.0;
     double penalty =
@@ -313,15 +384,16 @@ static void make_plan(struct scaler_policy_state *st, const struct scaler_policy
     double warm_below[SCALER_GAP_BINS + 1]; /* sum of c_b * rep_b for b < i */
     suffix[SCALER_GAP_BINS] = 0;
     for (size_t i = SCALER_GAP_BINS; i-- > 0;)
-        suffix[i] = suffix[i + 1] + st->gap_hist[i];
+        suffix[i] = suffix[i + 1] + hist[i];
     warm_below[0] = 0;
     for (size_t i = 0; i < SCALER_GAP_BINS; i++)
-        warm_below[i + 1] = warm_below[i] + st->gap_hist[i] * bn.rep[i];
+        warm_below[i + 1] = warm_below[i] + hist[i] * bn.rep[i];
 
     /* Candidates: K = 0, the upper edge of each bin below the cap, and the cap itself.
      * For K between rep_(j-1) and rep_j the bins < j are covered, the rest are not. */
     double best_k = 0, best_cost = suffix[0] * penalty;
-    size_t covered = 0; /* bins whose rep <= k; k only grows */
+    size_t covered = 0;             /* bins whose rep <= k; k only grows */
+    double best_beyond = suffix[0]; /* gaps the best K does not cover */
     for (size_t j = 0; j <= SCALER_GAP_BINS; j++) {
         double k = j < SCALER_GAP_BINS ? bn.up[j] : cap;
         if (k > cap)
@@ -329,13 +401,18 @@ static void make_plan(struct scaler_policy_state *st, const struct scaler_policy
         while (covered < SCALER_GAP_BINS && bn.rep[covered] <= k)
             covered++;
         double cost = warm_below[covered] * price_ms + suffix[covered] * (k * price_ms + penalty);
-        if (cost <= best_cost) {
+        /* Equal cost: the longer K only if it covers more bins (fewer cold starts for the
+         * same money); past the longest gap seen, a longer K buys nothing. */
+        if (cost < best_cost || (cost <= best_cost && suffix[covered] < best_beyond)) {
             best_cost = cost;
             best_k = k;
+            best_beyond = suffix[covered];
         }
         if (k >= cap)
             break;
     }
+    if (price_ms <= 0)
+        best_k = cap; /* a free machine: nothing to save, keep warm for idle_seconds */
     st->plan_keepalive_ms = (int64_t)best_k;
     st->plan_prewarm_from_ms = 0;
     st->plan_prewarm_to_ms = 0;
@@ -351,7 +428,7 @@ static void make_plan(struct scaler_policy_state *st, const struct scaler_policy
     double hi_want = beyond * 0.99, cum = 0;
     size_t hi = SCALER_GAP_BINS;
     for (size_t i = first; i < SCALER_GAP_BINS; i++) {
-        cum += st->gap_hist[i];
+        cum += hist[i];
         if (cum >= hi_want) {
             hi = i;
             break;
@@ -361,7 +438,7 @@ static void make_plan(struct scaler_policy_state *st, const struct scaler_policy
         return;
     double to = bn.up[hi];
     double from = 0;
-    if (prewarm_start(st, &bn, first, hi, best_k, to, (double)start_ms, price_ms, penalty, beyond,
+    if (prewarm_start(hist, &bn, first, hi, best_k, to, (double)start_ms, price_ms, penalty, beyond,
                       &from)) {
         st->plan_prewarm_from_ms = (int64_t)from;
         st->plan_prewarm_to_ms = (int64_t)to;
@@ -413,6 +490,41 @@ static bool breaker_open(const struct scaler_policy_state *st, int64_t now)
 /* ------------------------------------------------------------------------------------ */
 /* The decision                                                                         */
 
+/*
+ * Expected time, ms, to finish the waiting batch work if a machine were started now: the
+ * start (the fastest parked replica's unpark, else the provision of the offer that would be
+ * bought) plus the work (batch_work_tokens, or SCALER_BATCH_LINE_TOKENS per line) at the
+ * decode rate the ready replicas report (SCALER_BATCH_TOKENS_PER_S when none does).
+ */
+static int64_t batch_finish_ms(const struct scaler_policy_input *in,
+                               const struct scaler_policy_spec *spec)
+{
+    const struct scaler_policy_obs *obs = &in->obs;
+    int64_t start = -1;
+    double tps = 0;
+    for (size_t i = 0; obs->replicas && i < obs->n_replicas; i++) {
+        const struct scaler_replica_obs *r = &obs->replicas[i];
+        const struct scaler_offer *o = offer_at(in, r->offer_index);
+        if (r->state == SCALER_REPLICA_PARKED && o && (start < 0 || o->unpark_ms < start))
+            start = o->unpark_ms;
+        if (r->state == SCALER_REPLICA_READY && r->tokens_per_s > tps)
+            tps = r->tokens_per_s;
+    }
+    if (start < 0) {
+        struct scaler_offer_choice ch;
+        start = 0;
+        if (in->n_offers &&
+            scaler_offer_select(in->offers, in->n_offers, &spec->req, false, &ch) == PW_OK)
+            start = in->offers[ch.index].provision_ms;
+    }
+    if (tps <= 0)
+        tps = SCALER_BATCH_TOKENS_PER_S;
+    uint64_t tokens = obs->batch_work_tokens
+                          ? obs->batch_work_tokens
+                          : obs->batch_pending * (uint64_t)SCALER_BATCH_LINE_TOKENS;
+    return start + (int64_t)((double)tokens / tps * 1000.0);
+}
+
 static uint64_t div_ceil(uint64_t a, uint64_t b)
 {
     return b ? (a + b - 1) / b : a;
@@ -457,9 +569,11 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
     int64_t prewarm_from = 0, prewarm_to = 0;
     if (adaptive) {
         uint64_t key = plan_key(&ref, start_ms, spec);
-        if (st->plan_gap_count != st->gap_count || st->plan_key != key) {
-            make_plan(st, spec, &ref, start_ms);
-            st->plan_gap_count = st->gap_count;
+        if (st->plan_gap_count != st->gaps_seen || st->plan_key != key) {
+            uint32_t hist[SCALER_GAP_BINS];
+            st->plan_basis = plan_hist(st, hist);
+            make_plan(st, hist, spec, &ref, start_ms);
+            st->plan_gap_count = st->gaps_seen;
             st->plan_key = key;
         }
         keepalive = st->plan_keepalive_ms;
@@ -467,6 +581,7 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
         prewarm_to = st->plan_prewarm_to_ms;
     }
     out->keepalive_ms = (uint64_t)keepalive;
+    out->plan_basis = adaptive ? (enum scaler_plan_basis)st->plan_basis : SCALER_PLAN_NONE;
     int64_t idle_for = obs->last_request_ms > 0 ? now - obs->last_request_ms : INT64_MAX / 4;
 
     /* Breaker: half-open once the back-off has passed (one more failure re-opens it). */
@@ -658,7 +773,27 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
         int64_t batch_waited = now - st->batch_wait_since_ms;
         if (obs->batch_oldest_ms > batch_waited)
             batch_waited = obs->batch_oldest_ms;
-        bool batch_pick = why[0] == 'b' && batch_only && batch_waited < SCALER_BATCH_DEFER_MS;
+        /* Batch-only demand is deferrable: while batch_pick, only spot or free capacity is
+         * taken (a parked spot/free replica, or a spot/free offer), else it waits. It stops
+         * waiting after the deferral limit, or when the pending work would no longer finish
+         * safely before the oldest deadline (batch_defer_end says which). */
+        const int64_t defer_limit =
+            spec->batch_defer_ms ? (int64_t)spec->batch_defer_ms : SCALER_BATCH_DEFER_MS;
+        bool batch_pick = why[0] == 'b' && batch_only;
+        const char *defer_end = "";
+        int64_t deadline_in = obs->batch_deadline_ms > 0 ? obs->batch_deadline_ms - now : -1;
+        int64_t finish_ms = 0;
+        if (batch_pick) {
+            finish_ms = batch_finish_ms(in, spec);
+            if (batch_waited >= defer_limit) {
+                batch_pick = false;
+                defer_end = " batch_defer_end=waited";
+            } else if (deadline_in >= 0 &&
+                       deadline_in <= SCALER_BATCH_DEADLINE_FACTOR * finish_ms) {
+                batch_pick = false;
+                defer_end = " batch_defer_end=deadline";
+            }
+        }
         /* A draining replica will be parked within a tick or two of its last request ending
          * and can then be unparked: wait for it rather than buy a fresh machine. */
         uint64_t draining = 0;
@@ -676,6 +811,8 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
                 if (r->state != SCALER_REPLICA_PARKED || r->action_pending || taken[i])
                     continue;
                 const struct scaler_offer *o = offer_at(in, r->offer_index);
+                if (batch_pick && !(o && (r->spot || running_price(o, false) == 0)))
+                    continue; /* deferring batch work: no on-demand machine, parked or not */
                 uint32_t ms = o ? o->unpark_ms : UINT32_MAX - 1;
                 if (ms < best_ms) {
                     best_ms = ms;
@@ -695,8 +832,8 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
                 taken[best] = true;
                 struct scaler_action *a =
                     add_action(out, SCALER_ACT_UNPARK, obs->replicas[best].id, -1,
-                               "%s %s target=%u from=parked batch_pending=%llu", verb, ctx_s,
-                               target, (unsigned long long)obs->batch_pending);
+                               "%s %s target=%u from=parked batch_pending=%llu%s", verb, ctx_s,
+                               target, (unsigned long long)obs->batch_pending, defer_end);
                 if (a)
                     a->batch = why[0] == 'b';
                 st->last_scale_up_ms = now;
@@ -710,18 +847,27 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
             enum pw_err e =
                 scaler_offer_select(in->offers, in->n_offers, &spec->req, batch_pick, &ch);
             if (e != PW_OK) {
-                if (batch_pick)
-                    set_error(
-                        out,
-                        "batch work deferred (waiting for spot or free machine, %llds of %ds): %s",
-                        (long long)(batch_waited / 1000), SCALER_BATCH_DEFER_MS / 1000, ch.reason);
-                else
+                if (batch_pick) {
+                    set_error(out,
+                              "batch work deferred (waiting for spot or free machine, %llds of "
+                              "%llds): %s",
+                              (long long)(batch_waited / 1000), (long long)(defer_limit / 1000),
+                              ch.reason);
+                    snprintf(out->note, sizeof out->note,
+                             "batch_defer pending=%llu waited_s=%lld limit_s=%lld "
+                             "deadline_in_s=%lld finish_est_s=%lld reason=wait_spot",
+                             (unsigned long long)obs->batch_pending,
+                             (long long)(batch_waited / 1000), (long long)(defer_limit / 1000),
+                             (long long)(deadline_in < 0 ? -1 : deadline_in / 1000),
+                             (long long)(finish_ms / 1000));
+                } else {
                     set_error(out, "%s", ch.reason);
+                }
                 break;
             }
             struct scaler_action *a =
-                add_action(out, SCALER_ACT_PROVISION, NULL, (int32_t)ch.index, "%s %s target=%u %s",
-                           verb, ctx_s, target, ch.reason);
+                add_action(out, SCALER_ACT_PROVISION, NULL, (int32_t)ch.index,
+                           "%s %s target=%u %s%s", verb, ctx_s, target, ch.reason, defer_end);
             if (a) {
                 a->spot = ch.spot;
                 a->batch = why[0] == 'b';
@@ -766,10 +912,12 @@ void scaler_policy_decide(const struct scaler_policy_input *in, struct scaler_po
                 break; /* every replica has work in flight: never interrupt it */
             taken[pick] = true;
             add_action(out, SCALER_ACT_DRAIN, obs->replicas[pick].id, -1,
-                       "scale_down desired=%llu active=%u idle_s=%lld keepalive_s=%lld%s",
+                       "scale_down desired=%llu active=%u idle_s=%lld keepalive_s=%lld "
+                       "basis=%s gap_ewma_s=%lld%s",
                        (unsigned long long)desired, active,
                        (long long)(idle_for > 999999999 ? -1 : idle_for / 1000),
-                       (long long)(keepalive / 1000), over_max ? " over_max=1" : "");
+                       (long long)(keepalive / 1000), scaler_plan_basis_name(out->plan_basis),
+                       (long long)(st->gap_ewma_ms / 1000), over_max ? " over_max=1" : "");
             st->last_scale_down_ms = now;
             surplus--;
         }

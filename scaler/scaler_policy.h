@@ -40,21 +40,42 @@
 /* First back-off; doubled each time the breaker re-opens, capped. */
 #define SCALER_BREAKER_BASE_MS 30000
 #define SCALER_BREAKER_MAX_MS (30 * 60 * 1000)
-/* Batch-only demand waits this long for a spot or free machine before on-demand. */
+/* Batch-only demand waits at most this long for a spot or free machine before on-demand
+ * (the spec's batch_defer_ms overrides it). */
 #define SCALER_BATCH_DEFER_MS (5 * 60 * 1000)
+/* ...and only while the pending batch work would still finish before the oldest batch
+ * deadline with this safety factor: now + factor x (start + work) < deadline. */
+#define SCALER_BATCH_DEADLINE_FACTOR 2
+/* Decode rate a new replica is assumed to give batch work when none reports one, tokens/s
+ * (all slots together; a heartbeat's tokens_per_s replaces it). */
+#define SCALER_BATCH_TOKENS_PER_S 50
+/* Tokens one waiting batch line is assumed to need when the observer could not say. */
+#define SCALER_BATCH_LINE_TOKENS 512
 /* Batch demand counts as this many times less urgent: desired = ceil(pending / (target*4)). */
 #define SCALER_BATCH_FACTOR 4
 /* Default price of one second a request waits for a cold start, micro-USD (the keep-alive
- * and park-vs-terminate trade-offs weigh machine time against this). */
-#define SCALER_LATENCY_PENALTY_MICROUSD_PER_S 1000
+ * and park-vs-terminate trade-offs weigh machine time against this): 0.90 USD per hour of
+ * waiting. With example-cloud cpu-4x16 (0.17 USD/h, unpark 8 s) an unpark is then worth
+ * ~50 s of running, so a replica is kept warm only while the next gap is expected within
+ * about 50 s (see docs/internals/scaler-policy.md for how this was chosen). */
+#define SCALER_LATENCY_PENALTY_MICROUSD_PER_S 250
 /* Idle-gap histogram: bin 0 = under 1 s, bin i >= 1 = [1 s * 1.05^(i-1), 1 s * 1.05^i) (the
  * last bin is open-ended, from ~14 days); adaptive needs this many gaps before it trusts it. */
 #define SCALER_GAP_BINS 288
 #define SCALER_GAP_MIN_SAMPLES 8
 /* Gaps shorter than this are the same burst, not idle time, and are not recorded, ms. */
 #define SCALER_GAP_MIN_MS 2000
-/* EWMA weight of a new idle gap, per mille. */
+/* EWMA weight of a new idle gap, per mille. The EWMA is the policy's estimate of the
+ * function's current arrival rate (mean gap). */
 #define SCALER_GAP_EWMA_PERMILLE 250
+/* The most recent gaps are kept with the EWMA in force when each began, so that the plan
+ * can use the gaps that followed a similar rate: the SCALER_GAP_NEIGHBORS recorded gaps
+ * whose EWMA is nearest (in ratio) to the current one. If fewer than SCALER_GAP_MIN_SAMPLES
+ * of them lie within a factor SCALER_GAP_NEAR_FACTOR of it, the history is not
+ * representative of the current rate and the plan uses all recent gaps. */
+#define SCALER_GAP_RECENT 192
+#define SCALER_GAP_NEIGHBORS 32
+#define SCALER_GAP_NEAR_FACTOR 2
 
 /* Longest replica id, reason and error strings (without the NUL). */
 #define SCALER_REPLICA_ID_MAX 63
@@ -104,6 +125,10 @@ struct scaler_policy_obs {
     int64_t batch_oldest_ms;       /* age of the oldest waiting batch entry, ms; 0 = none */
     uint32_t in_flight;            /* requests being served, all replicas together */
     uint64_t queued_prompt_tokens; /* prompt tokens of the waiting interactive entries */
+    int64_t batch_deadline_ms;     /* earliest deadline (wall ms, same clock as now_ms) of the
+                                      waiting batch entries; 0 = none or unknown */
+    uint64_t batch_work_tokens;    /* tokens (prompt + output) the waiting batch entries
+                                      need, estimated; 0 = unknown */
     int64_t last_request_ms;       /* arrival of the latest request, ms; 0 = never */
     const struct scaler_replica_obs *replicas; /* borrowed for the call */
     size_t n_replicas;
@@ -127,6 +152,23 @@ struct scaler_policy_spec {
     bool park_cost_decision;
     /* What one second of cold-start wait is worth, micro-USD; 0 = the default constant. */
     uint64_t latency_penalty_microusd_per_s;
+    /* Longest wait of batch-only demand for a spot/free machine, ms; 0 = the default. */
+    uint64_t batch_defer_ms;
+};
+
+/* Which gaps the adaptive plan was made from (see SCALER_GAP_RECENT). */
+enum scaler_plan_basis {
+    SCALER_PLAN_NONE = 0, /* no plan: fewer than SCALER_GAP_MIN_SAMPLES gaps, or off */
+    SCALER_PLAN_ALL,      /* all recent gaps (too few, or none near the current rate) */
+    SCALER_PLAN_RATE,     /* the recent gaps that followed a similar rate */
+};
+/* "none", "all", "rate". */
+const char *scaler_plan_basis_name(enum scaler_plan_basis b);
+
+/* One recorded gap and the rate estimate (gap EWMA) in force when it began. */
+struct scaler_gap_sample {
+    uint32_t gap_ms;  /* capped at UINT32_MAX */
+    uint32_t ewma_ms; /* EWMA before this gap was recorded (the gap itself for the first) */
 };
 
 /* Fills ps from a spec, with adaptive and park_cost_decision on. Borrows the spec. */
@@ -148,8 +190,11 @@ struct scaler_policy_state {
     int64_t gap_ewma_ms;                      /* EWMA of idle gaps (>= 1 s) between requests, ms */
     uint32_t gap_count;                 /* gaps recorded in the histogram (halved when aging) */
     uint32_t gap_hist[SCALER_GAP_BINS]; /* idle-gap histogram, bins of x1.05 from 1 s */
-    /* Adaptive plan, recomputed when the histogram or the reference offer changes. */
-    uint32_t plan_gap_count;      /* gap_count the plan was made with; 0 = no plan */
+    uint32_t gaps_seen;                 /* gaps recorded ever (wraps) */
+    struct scaler_gap_sample recent[SCALER_GAP_RECENT]; /* ring: gaps_seen % RECENT is next */
+    /* Adaptive plan, recomputed when a gap is recorded or the reference offer changes. */
+    uint32_t plan_gap_count;      /* gaps_seen the plan was made with; 0 = no plan */
+    uint32_t plan_basis;          /* enum scaler_plan_basis */
     uint64_t plan_key;            /* hash of the prices/delays it was made with */
     int64_t plan_keepalive_ms;    /* keep warm this long after the last request */
     int64_t plan_prewarm_from_ms; /* warm again from last request + this; 0 = no pre-warm */
@@ -193,15 +238,19 @@ struct scaler_action {
 };
 
 struct scaler_policy_output {
-    uint32_t desired;      /* replicas wanted serving (ready or starting), clamped */
-    uint32_t active;       /* replicas counted as serving or starting this tick */
-    uint32_t ready;        /* replicas READY */
-    uint32_t parked;       /* replicas PARKED */
-    uint64_t keepalive_ms; /* idle window in force (adaptive or idle_seconds) */
+    uint32_t desired;                  /* replicas wanted serving (ready or starting), clamped */
+    uint32_t active;                   /* replicas counted as serving or starting this tick */
+    uint32_t ready;                    /* replicas READY */
+    uint32_t parked;                   /* replicas PARKED */
+    uint64_t keepalive_ms;             /* idle window in force (adaptive or idle_seconds) */
+    enum scaler_plan_basis plan_basis; /* what the adaptive window came from; NONE = fixed */
     size_t n_actions;
     struct scaler_action actions[SCALER_POLICY_MAX_ACTIONS];
     /* "" or one line the user should see (breaker open, no offer fits) */
     char error[SCALER_REASON_MAX + 1];
+    /* "" or a key=value decision that took no action this tick, for pw:events, e.g.
+     * "batch_defer pending=120 waited_s=40 limit_s=300 deadline_in_s=86000 reason=wait_spot" */
+    char note[SCALER_REASON_MAX + 1];
     struct scaler_policy_state state; /* store and pass back next call */
 };
 

@@ -454,9 +454,14 @@ void scaler_reconcile_fn(struct scaler *s, struct scaler_fn *fn)
                 .interactive_pending = o->q_lag,
                 .interactive_oldest_ms = o->q_oldest_ms ? now - o->q_oldest_ms : 0,
                 .batch_pending = o->b_lag,
-                .batch_oldest_ms = 0,
-                .in_flight = (uint32_t)(o->q_pending + o->b_pending),
-                .queued_prompt_tokens = 0,
+                .batch_oldest_ms = o->b_oldest_ms ? now - o->b_oldest_ms : 0,
+                /* Interactive only: batch work in flight is deferrable and never counts
+                 * toward the interactive target (its replicas stay busy, so none is
+                 * drained under it). */
+                .in_flight = (uint32_t)o->q_pending,
+                .queued_prompt_tokens = o->q_prompt_tokens,
+                .batch_deadline_ms = o->b_deadline_ms,
+                .batch_work_tokens = o->b_work_tokens,
                 .last_request_ms = fn->last_request_ms,
                 .replicas = ro,
                 .n_replicas = n,
@@ -467,6 +472,8 @@ void scaler_reconcile_fn(struct scaler *s, struct scaler_fn *fn)
     };
     if (in.obs.interactive_oldest_ms < 0)
         in.obs.interactive_oldest_ms = 0;
+    if (in.obs.batch_oldest_ms < 0)
+        in.obs.batch_oldest_ms = 0;
     struct scaler_policy_output *out = malloc(sizeof *out);
     if (!out) {
         free(ro);
@@ -485,6 +492,18 @@ void scaler_reconcile_fn(struct scaler *s, struct scaler_fn *fn)
             scaler_event(s, fn, "error", "", out->error);
         snprintf(fn->last_error, sizeof fn->last_error, "%s", out->error);
     }
+    /* A decision without action (batch deferral): logged when its kind changes, and then
+     * at most every SCALER_NOTE_EVERY_MS while it lasts. */
+    size_t note_kind = strcspn(out->note, " ");
+    if (out->note[0] && (note_kind != strcspn(fn->last_note, " ") ||
+                         strncmp(out->note, fn->last_note, note_kind) != 0 ||
+                         now - fn->last_note_ms >= SCALER_NOTE_EVERY_MS)) {
+        char kind[32];
+        snprintf(kind, sizeof kind, "%.*s", (int)(note_kind < 31 ? note_kind : 31), out->note);
+        scaler_event(s, fn, kind, "", out->note);
+        fn->last_note_ms = now;
+    }
+    snprintf(fn->last_note, sizeof fn->last_note, "%s", out->note);
     for (size_t k = 0; k < out->n_actions; k++)
         do_action(s, fn, &out->actions[k]);
 

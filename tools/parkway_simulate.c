@@ -20,7 +20,8 @@
 static void usage(FILE *f)
 {
     fprintf(f, "usage: parkway simulate --spec FILE --trace FILE [--offers FILE|DIR]\n"
-               "                        [--max-price USD] [--tokens-per-s N] [--json]\n"
+               "                        [--max-price USD] [--tokens-per-s N]\n"
+               "                        [--latency-penalty MICROUSD_PER_S] [--json]\n"
                "       parkway simulate --generate diurnal|bursty|periodic|sparse [--seed N]\n"
                "                        [--hours H]   (writes a CSV trace to stdout)\n"
                "Compares always-on, fixed idle timeouts (60 s, 300 s) and parkway's policy:\n"
@@ -42,7 +43,7 @@ int parkway_cmd_simulate(int argc, char **argv)
 {
     const char *spec_path = NULL, *trace_path = NULL, *offers_path = NULL, *gen = NULL;
     const char *max_price = NULL;
-    uint64_t seed = 1, hours = 24, tps = 0;
+    uint64_t seed = 1, hours = 24, tps = 0, penalty = 0;
     bool json_only = false;
     int rc = 2;
     char err[512] = "";
@@ -78,6 +79,8 @@ int parkway_cmd_simulate(int argc, char **argv)
             ok = parse_u64(v, &seed);
         } else if (strcmp(a, "--hours") == 0) {
             ok = parse_u64(v, &hours) && hours > 0 && hours <= 24 * 365;
+        } else if (strcmp(a, "--latency-penalty") == 0) {
+            ok = parse_u64(v, &penalty) && penalty > 0 && penalty <= 1000000000;
         } else if (strcmp(a, "--tokens-per-s") == 0) {
             ok = parse_u64(v, &tps) && tps > 0 && tps <= 1000000;
         } else {
@@ -178,8 +181,11 @@ int parkway_cmd_simulate(int argc, char **argv)
             cap = UINT64_MAX;
         }
     }
-    for (size_t i = 0; i < cfg->n_policies; i++)
+    for (size_t i = 0; i < cfg->n_policies; i++) {
         cfg->policies[i].spec.req.max_microusd_per_hour = cap;
+        if (penalty)
+            cfg->policies[i].spec.latency_penalty_microusd_per_s = penalty;
+    }
 
     e = scaler_sim_run(&trace, cfg, rep);
     if (e) {

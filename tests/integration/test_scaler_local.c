@@ -219,10 +219,72 @@ static void test_zero_to_one_park_unpark(void **state)
     assert_int_equal(pw_test_hlen(g_rc, "pw:{tiny}:workers"), 0);
 }
 
+/* XADDs one batch-lane line (packed InferenceRequest with a batch id and a deadline) to
+ * pw:{tiny}:b and wakes the scaler. */
+static void enqueue_batch(const char *id, int64_t deadline_ms)
+{
+    Parkway__InferenceRequest req = PARKWAY__INFERENCE_REQUEST__INIT;
+    Parkway__SamplingParams sp = PARKWAY__SAMPLING_PARAMS__INIT;
+    uint32_t toks[] = {1, 2, 3, 4};
+    req.id = (char *)id;
+    req.function = "tiny";
+    req.tenant = "t";
+    req.key_id = "key_test";
+    req.kind = PARKWAY__REQUEST_KIND__REQUEST_KIND_COMPLETION;
+    req.prompt_token_ids = toks;
+    req.n_prompt_token_ids = 4;
+    sp.max_tokens = 4;
+    pw_proto_sampling_mark(&sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_MAX_TOKENS);
+    req.sampling = &sp;
+    req.reply_to = REPLY;
+    req.deadline_unix_ms = deadline_ms;
+    req.enqueued_unix_ms = pw_clock_wall_ms();
+    req.batch_id = "batch_test";
+    req.custom_id = (char *)id;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    const char *why = NULL;
+    assert_int_equal(pw_proto_pack_request_alloc(&req, &buf, &len, &why), PW_OK);
+    char key[PW_KEY_MAX];
+    pw_key_batch_lane(key, sizeof key, "tiny");
+    const char *argv[] = {"XADD", key, "*", PW_STREAM_FIELD, (const char *)buf};
+    size_t lens[] = {4, strlen(key), 1, 1, len};
+    redisReply *r = redisCommandArgv(g_rc, 5, argv, lens);
+    assert_non_null(r);
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    freeReplyObject(r);
+    free(buf);
+    freeReplyObject(redisCommand(g_rc, "PUBLISH %s %s", PW_KEY_WAKE, "tiny"));
+}
+
+/* Batch-only demand starts a machine (here the free local one, which a deferring batch may
+ * take at once) through the batch path, never the interactive scale-from-zero path, and
+ * the line is answered. */
+static void test_batch_only_demand(void **state)
+{
+    (void)state;
+    struct pw_test_cursor cursor = {{0}};
+    size_t from_zero = count_events("provision", "scale_from_zero");
+    size_t batch_ups = count_events("provision", "batch_scale_up");
+    g_scaler = start_scaler();
+    uint64_t t0 = pw_clock_mono_ms();
+    while (pw_test_hlen(g_rc, PW_KEY_FUNCTIONS) < 1 && pw_clock_mono_ms() - t0 < 5000)
+        pw_test_sleep_ms(50);
+    enqueue_batch("line-1", pw_clock_wall_ms() + 24LL * 3600 * 1000);
+    int64_t ms = pw_test_wait_done(g_rc, REPLY, &cursor, "line-1", 30000);
+    assert_true(ms >= 0);
+    assert_true(wait_event("provision", "batch_scale_up", batch_ups + 1, 5000) ||
+                wait_event("unpark", "batch_scale_up", 1, 1000));
+    assert_int_equal(count_events("provision", "scale_from_zero"), from_zero);
+    assert_int_equal(pw_test_stop(g_scaler, 45000), 0);
+    g_scaler = 0;
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_zero_to_one_park_unpark),
+        cmocka_unit_test(test_batch_only_demand),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -75,6 +75,9 @@ static struct scaler_policy_spec base_spec(void)
     ps.req.spot = PW_SPEC_SPOT_ON_DEMAND;
     ps.adaptive = false;
     ps.park_cost_decision = true;
+    /* The rows below were written for 1000 uUSD/s; pinned so a new default does not move
+     * them. */
+    ps.latency_penalty_microusd_per_s = 1000;
     return ps;
 }
 
@@ -98,6 +101,9 @@ struct row {
     /* observations */
     uint64_t pending, batch_pending;
     int64_t batch_oldest;
+    int64_t batch_deadline_in; /* relative to NOW; 0 = none */
+    uint64_t batch_tokens;     /* 0 = unknown */
+    uint64_t batch_defer_ms;   /* spec override; 0 = default */
     uint32_t in_flight;
     int64_t last_req_ago; /* -1 = never */
     struct rrow reps[4];
@@ -110,6 +116,7 @@ struct row {
     uint32_t desired;
     const char *actions; /* "kind:target ..." */
     const char *error;   /* substring, or NULL for none */
+    const char *note;    /* substring of out->note, or NULL: not checked */
 };
 
 #define R(...)                                                                                     \
@@ -357,6 +364,61 @@ static const struct row rows[] = {
      .last_req_ago = 0,
      .desired = 1,
      .actions = "provision:2"},
+    {.name = "batch-only, deadline far: keeps waiting, logged",
+     .max = 4,
+     .batch_pending = 120,
+     .batch_oldest = 40 * S,
+     .batch_deadline_in = 24 * H,
+     .last_req_ago = 0,
+     .desired = 1,
+     .actions = "",
+     .error = "batch work deferred",
+     .note = "batch_defer pending=120 waited_s=40 limit_s=300 deadline_in_s=86400"},
+    {.name = "batch-only, deadline near: on-demand at once",
+     .max = 4,
+     .batch_pending = 5,
+     .batch_oldest = 10 * S,
+     .batch_deadline_in = 600 * S,
+     .batch_tokens = 20000, /* 400 s at 50 tok/s + 90 s provision, x2 > 600 s */
+     .last_req_ago = 0,
+     .desired = 1,
+     .actions = "provision:2"},
+    {.name = "batch-only, deadline near enough for the estimate: still waits",
+     .max = 4,
+     .batch_pending = 5,
+     .batch_oldest = 10 * S,
+     .batch_deadline_in = 1200 * S,
+     .batch_tokens = 20000,
+     .last_req_ago = 0,
+     .desired = 1,
+     .actions = "",
+     .error = "batch work deferred",
+     .note = "reason=wait_spot"},
+    {.name = "batch-only, spec batch_defer_ms shortens the wait",
+     .max = 4,
+     .batch_pending = 5,
+     .batch_oldest = 30 * S,
+     .batch_defer_ms = 20 * S,
+     .last_req_ago = 0,
+     .desired = 1,
+     .actions = "provision:2"},
+    {.name = "batch-only while deferring does not unpark an on-demand replica",
+     .max = 4,
+     .batch_pending = 5,
+     .batch_oldest = 10 * S,
+     .last_req_ago = H,
+     .reps = {R("p1", PRK, H, 0, 2, true, false)},
+     .desired = 1,
+     .actions = "",
+     .error = "batch work deferred"},
+    {.name = "batch-only after the deferral unparks first",
+     .max = 4,
+     .batch_pending = 5,
+     .batch_oldest = 301 * S,
+     .last_req_ago = H,
+     .reps = {R("p1", PRK, H, 0, 2, true, false)},
+     .desired = 1,
+     .actions = "unpark:p1"},
     {.name = "batch uses free slots, no scale-up",
      .max = 4,
      .batch_pending = 100,
@@ -461,6 +523,9 @@ static void run_row(const struct row *r)
     in.obs.interactive_pending = r->pending;
     in.obs.batch_pending = r->batch_pending;
     in.obs.batch_oldest_ms = r->batch_oldest;
+    in.obs.batch_deadline_ms = r->batch_deadline_in ? NOW + r->batch_deadline_in : 0;
+    in.obs.batch_work_tokens = r->batch_tokens;
+    ps.batch_defer_ms = r->batch_defer_ms;
     in.obs.in_flight = r->in_flight;
     in.obs.last_request_ms = r->last_req_ago < 0 ? 0 : NOW - r->last_req_ago;
     in.obs.replicas = reps;
@@ -483,12 +548,13 @@ static void run_row(const struct row *r)
     char got[512];
     render(out, got, sizeof got);
     if (strcmp(got, r->actions) != 0 || out->desired != r->desired ||
-        (r->error ? strstr(out->error, r->error) == NULL : out->error[0] != '\0')) {
+        (r->error ? strstr(out->error, r->error) == NULL : out->error[0] != '\0') ||
+        (r->note && strstr(out->note, r->note) == NULL)) {
         fprintf(stderr,
                 "row '%s':\n  actions want '%s' got '%s'\n  desired want %u got %u\n"
-                "  error want '%s' got '%s'\n",
+                "  error want '%s' got '%s'\n  note want '%s' got '%s'\n",
                 r->name, r->actions, got, r->desired, out->desired, r->error ? r->error : "",
-                out->error);
+                out->error, r->note ? r->note : "", out->note);
         for (size_t i = 0; i < out->n_actions; i++)
             fprintf(stderr, "  reason: %s\n", out->actions[i].reason);
         free(out);
@@ -807,6 +873,146 @@ static void test_adaptive_free_machine_keeps_warm(void **unused)
     free(out);
 }
 
+/* Records gaps as the live loop would: one decide() per request arrival. */
+static void feed_gaps(struct scaler_policy_state *st, const int64_t *gaps, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        scaler_policy_record_gap(st, gaps[i]);
+}
+
+/* The keep-alive and its basis right after a request, with replica r on offer 2 (cpu-od,
+ * 0.10 USD/h, unpark 15 s: at 1000 uUSD/s an unpark is worth ~555 s of running). */
+static struct scaler_policy_output *plan_after(const struct scaler_policy_state *st)
+{
+    static struct scaler_policy_spec ps;
+    ps = base_spec();
+    ps.adaptive = true;
+    ps.idle_ms = 900 * S;
+    static struct scaler_replica_obs r;
+    memset(&r, 0, sizeof r);
+    snprintf(r.id, sizeof r.id, "c1");
+    r.state = SCALER_REPLICA_READY;
+    r.since_ms = NOW - 10 * S;
+    r.offer_index = 2;
+    r.total_slots = 8;
+    struct scaler_policy_input in;
+    memset(&in, 0, sizeof in);
+    in.spec = &ps;
+    in.now_ms = NOW;
+    in.obs.replicas = &r;
+    in.obs.n_replicas = 1;
+    in.obs.last_request_ms = NOW - 1000;
+    in.offers = offers;
+    in.n_offers = N_OFFERS;
+    in.state = *st;
+    in.state.prev_request_ms = NOW - 1000;
+    struct scaler_policy_output *out = malloc(sizeof *out);
+    assert_non_null(out);
+    scaler_policy_decide(&in, out);
+    return out;
+}
+
+/* Rate-conditioned keep-alive (diurnal): a day of short gaps, then night. Table: after
+ * `day` gaps of 20..40 s and then `night` gaps of 20..30 min (and then `morning` gaps of
+ * 20..40 s), the keep-alive lies in [k_min, k_max] s with the given basis. */
+static void test_adaptive_rate_change(void **unused)
+{
+    (void)unused;
+    static const struct {
+        const char *name;
+        int day, night, morning;
+        int64_t k_min_s, k_max_s;
+        enum scaler_plan_basis basis;
+    } rate_rows[] = {
+        {"day only: covers the day gaps", 150, 0, 0, 30, 900, SCALER_PLAN_RATE},
+        {"few gaps: all of them", 20, 0, 0, 30, 900, SCALER_PLAN_ALL},
+        {"night after a day: parks at once", 150, 12, 0, 0, 0, SCALER_PLAN_RATE},
+        {"first night gaps: not yet representative", 150, 2, 0, 30, 900, SCALER_PLAN_ALL},
+        {"morning after the night: long again", 150, 12, 20, 30, 900, SCALER_PLAN_RATE},
+    };
+    for (size_t i = 0; i < sizeof rate_rows / sizeof rate_rows[0]; i++) {
+        struct scaler_policy_state st;
+        memset(&st, 0, sizeof st);
+        int64_t g[256];
+        size_t n = 0;
+        uint32_t lcg = 12345; /* irregular gaps: a fixed pattern would itself be learnt */
+#define NEXT_U(m) ((lcg = lcg * 1103515245u + 12345u), (int64_t)((lcg >> 16) % (m)))
+        for (int k = 0; k < rate_rows[i].day; k++)
+            g[n++] = (20 + NEXT_U(21)) * S;
+        for (int k = 0; k < rate_rows[i].night; k++)
+            g[n++] = (1200 + NEXT_U(600)) * S;
+        for (int k = 0; k < rate_rows[i].morning; k++)
+            g[n++] = (20 + NEXT_U(21)) * S;
+#undef NEXT_U
+        feed_gaps(&st, g, n);
+        struct scaler_policy_output *out = plan_after(&st);
+        int64_t k_s = (int64_t)out->keepalive_ms / 1000;
+        if (k_s < rate_rows[i].k_min_s || k_s > rate_rows[i].k_max_s ||
+            out->plan_basis != rate_rows[i].basis)
+            print_error("row '%s': keepalive %llds want [%lld, %lld], basis %s want %s\n",
+                        rate_rows[i].name, (long long)k_s, (long long)rate_rows[i].k_min_s,
+                        (long long)rate_rows[i].k_max_s, scaler_plan_basis_name(out->plan_basis),
+                        scaler_plan_basis_name(rate_rows[i].basis));
+        assert_true(k_s >= rate_rows[i].k_min_s && k_s <= rate_rows[i].k_max_s);
+        assert_int_equal(out->plan_basis, rate_rows[i].basis);
+        free(out);
+    }
+}
+
+/* Gaps all short: the keep-alive ends just past the longest one, not at idle_seconds (a
+ * longer K costs more and saves no cold start). */
+static void test_adaptive_keepalive_not_past_longest_gap(void **unused)
+{
+    (void)unused;
+    struct scaler_policy_state st;
+    memset(&st, 0, sizeof st);
+    for (int k = 0; k < 60; k++)
+        scaler_policy_record_gap(&st, (2 + k % 15) * S);
+    struct scaler_policy_output *out = plan_after(&st);
+    assert_true(out->keepalive_ms >= 16 * S);
+    assert_true(out->keepalive_ms <= 20 * S);
+    free(out);
+}
+
+/* Batch-only demand never takes the interactive "scale_from_zero" path; the action says
+ * why the deferral ended. */
+static void test_batch_reasons(void **unused)
+{
+    (void)unused;
+    struct scaler_policy_spec ps = base_spec();
+    struct scaler_policy_input in;
+    memset(&in, 0, sizeof in);
+    in.spec = &ps;
+    in.now_ms = NOW;
+    in.obs.batch_pending = 5;
+    in.obs.batch_oldest_ms = 301 * S;
+    in.offers = offers;
+    in.n_offers = N_OFFERS;
+    struct scaler_policy_output *out = malloc(sizeof *out);
+    assert_non_null(out);
+    scaler_policy_decide(&in, out);
+    assert_int_equal(out->n_actions, 1);
+    assert_int_equal(out->actions[0].kind, SCALER_ACT_PROVISION);
+    assert_true(out->actions[0].batch);
+    assert_non_null(strstr(out->actions[0].reason, "batch_scale_up "));
+    assert_null(strstr(out->actions[0].reason, "scale_from_zero"));
+    assert_non_null(strstr(out->actions[0].reason, "batch_defer_end=waited"));
+    /* The same with an interactive request waiting: scale_from_zero, not deferred. */
+    in.obs.interactive_pending = 1;
+    scaler_policy_decide(&in, out);
+    assert_int_equal(out->n_actions, 1);
+    assert_non_null(strstr(out->actions[0].reason, "scale_from_zero"));
+    assert_false(out->actions[0].batch);
+    /* Deadline pressure ends the deferral at once. */
+    in.obs.interactive_pending = 0;
+    in.obs.batch_oldest_ms = 5 * S;
+    in.obs.batch_deadline_ms = NOW + 60 * S;
+    scaler_policy_decide(&in, out);
+    assert_int_equal(out->n_actions, 1);
+    assert_non_null(strstr(out->actions[0].reason, "batch_defer_end=deadline"));
+    free(out);
+}
+
 static void test_names(void **unused)
 {
     (void)unused;
@@ -829,6 +1035,9 @@ int main(void)
         cmocka_unit_test(test_gap_histogram),
         cmocka_unit_test(test_adaptive_prewarm_periodic),
         cmocka_unit_test(test_adaptive_free_machine_keeps_warm),
+        cmocka_unit_test(test_adaptive_rate_change),
+        cmocka_unit_test(test_adaptive_keepalive_not_past_longest_gap),
+        cmocka_unit_test(test_batch_reasons),
         cmocka_unit_test(test_names),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
