@@ -1,13 +1,14 @@
 /*
  * router: the parkway-router process. Read this first.
  *
- * Threads:
- *   - N HTTP worker threads (router_http), each with its own event loop, its own async
- *     Redis client (router_worker.redis) and its own table of in-flight calls. A call lives
- *     on the thread that accepted its connection, start to end.
- *   - one reply thread: a blocking XREAD on this router's reply stream pw:reply:{id}; each
- *     ReplyChunk goes to the worker thread named inside its request id
- *     (router_http_server_post), so no lock guards the call tables.
+ * Threads: N HTTP worker threads (router_http), each with its own event loop and its own
+ * table of in-flight calls; nothing else touches a call. A call lives on the thread that
+ * accepted its connection, start to end. Each worker has two async Redis clients:
+ *   - router_worker.redis: commands (keys, limits, the queue write, cancel flags, ...) and
+ *     the pub/sub connection (key revocations);
+ *   - router_worker.reply_redis: only the blocking XREAD of the worker's own reply stream
+ *     pw:reply:{router_id}:{index}, the reply_to of every request it queues. A ReplyChunk
+ *     is delivered to its call on the loop that read it: no thread hop, no lock.
  * Request ids look like "r<worker:2 hex><random:16 hex>"; a completions prompt list fans out
  * into "<id>.0", "<id>.1", ...
  */
@@ -84,19 +85,30 @@ struct router_worker {
     size_t n_fns;
     int64_t functions_created; /* unix s when first listed */
     struct event *tick;        /* 1 s: refresh functions, keep-alives, deadlines */
-    uint64_t seq;              /* for request ids */
+    uint64_t rng;              /* splitmix64 state: request ids and sampling seeds */
+
+    /* The reply reader: XREAD BLOCK of reply_key from reply_last, one at a time. */
+    struct pw_redis *reply_redis;      /* owned: its own connection (a blocking XREAD would
+                                          hold up every command behind it) */
+    char reply_key[PW_KEY_MAX];        /* pw:reply:{router_id}:{index} */
+    char reply_last[PW_STREAM_ID_MAX]; /* id of the last entry read ("0-0" at start) */
+    bool reading;                      /* an XREAD is in flight */
+    bool reply_failing;                /* the last XREAD failed (logged once) */
+    uint64_t read_sent_ms;             /* mono ms the XREAD in flight was sent */
+    size_t untrimmed;                  /* entries read since the last XTRIM */
+    uint64_t trimmed_ms;               /* mono ms of the last XTRIM */
+    struct event *reply_retry;         /* owned: next XREAD after a failed one */
 };
 
 /* The process. */
 struct router {
     struct router_config cfg;
     char router_id[PW_KEY_NAME_MAX + 1];
-    char reply_key[PW_KEY_MAX];      /* pw:reply:{router_id} */
     char enqueue_sha[41];            /* SHA-1 hex of the bounded-XADD script (EVALSHA) */
+    char max_queue_arg[12];          /* cfg.max_queue in decimal, the script's limit */
     struct router_http_server *http; /* owned */
     struct router_worker *workers;   /* owned, one per HTTP thread */
     unsigned n_workers;
-    pthread_t reply_thread;
     volatile int stopping;
     int64_t started_unix_s;
 
@@ -114,11 +126,11 @@ struct router {
     struct router_batch_coord *batch; /* owned: the batch coordinator thread */
 };
 
-/* Sets up workers, metrics and the reply thread; http must be created. */
+/* Sets up workers (with their reply readers) and metrics; http must be created. */
 enum pw_err router_start(struct router *rt, char *err, size_t errcap);
 /* The HTTP handler (router_http_handler_fn) with ud = the router. */
 void router_handle(struct router_http_request *req, void *ud);
-/* Stops the reply thread and frees what router_start made. */
+/* Frees what router_start made; call after the HTTP server's run() returned. */
 void router_stop(struct router *rt);
 
 #endif

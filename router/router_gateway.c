@@ -6,7 +6,8 @@
  *   key's request counter, GET of its token counter, per minute, shared by every router
  *   through Redis) -> parse (router_openai) -> enqueue (a bounded XADD to pw:{fn}:q by a
  *   Lua script, one entry per fanned-out part; PUBLISH pw:wake when the function has no
- *   ready engine) -> replies from the reply thread -> SSE chunks or one JSON body.
+ *   ready engine) -> replies, read by this worker's own XREAD of its reply stream
+ *   pw:reply:{router}:{index} -> SSE chunks or one JSON body.
  * A queued call ends at its deadline (504) or, without any chunk, at its function's max
  * queue wait (503); streams get SSE keep-alive comments while they wait.
  * Memory: a call is freed when its reference count drops to zero: one reference for the
@@ -50,6 +51,7 @@
 #define QUEUE_FULL_RETRY_S 1        /* Retry-After of a queue-full 503 */
 #define QUEUE_WAIT_RETRY_S 2        /* Retry-After of a max-queue-wait 503 */
 #define RATE_COUNTER_TTL_S "120"    /* per-minute counters outlive their minute */
+#define TIMER_HORIZON_MS 2500       /* a call's timer is armed once its time is this near */
 
 /*
  * The bounded XADD, atomic in Redis (EVALSHA; the text again after NOSCRIPT).
@@ -125,6 +127,25 @@ struct router_call {
 
 /* ---- helpers ----------------------------------------------------------------------- */
 
+/* A worker's generator start: random (getrandom), else clock and index. */
+static uint64_t seed_rng(unsigned worker)
+{
+    uint64_t s = 0;
+    if (getrandom(&s, sizeof s, 0) != sizeof s)
+        s = pw_clock_mono_ns() ^ ((uint64_t)worker << 56) ^ (uint64_t)pw_clock_wall_ms();
+    return s;
+}
+
+/* splitmix64: request ids and sampling seeds need uniqueness, not secrecy, and a syscall
+ * per request (getrandom) costs more than the rest of the id. */
+static uint64_t rng_next(struct router_worker *w)
+{
+    uint64_t z = (w->rng += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 /* The call's own copy of a cached key: the cache entry may be evicted or revoked while
  * the call waits for Redis. */
 static void key_copy(struct router_key *dst, const struct router_key *src)
@@ -141,6 +162,18 @@ static void key_copy(struct router_key *dst, const struct router_key *src)
     /* A key limited to some functions must never widen to all on a failed copy. */
     if (dst->n_allowed != src->n_allowed)
         dst->disabled = true;
+}
+
+/* "r<worker: 2 hex><random: 16 hex>", without printf. */
+static void call_make_id(char out[20], unsigned worker, uint64_t rnd)
+{
+    static const char hex[] = "0123456789abcdef";
+    out[0] = 'r';
+    out[1] = hex[(worker >> 4) & 0xf];
+    out[2] = hex[worker & 0xf];
+    for (int i = 0; i < 16; i++)
+        out[3 + i] = hex[(rnd >> (60 - 4 * i)) & 0xf];
+    out[19] = '\0';
 }
 
 static void call_unref(struct router_call *c)
@@ -216,8 +249,12 @@ static bool function_known(const struct router_worker *w, const char *name);
 
 static void count_request(struct router_call *c, int status)
 {
-    char s[8];
-    snprintf(s, sizeof s, "%d", status);
+    char s[4] = "500";
+    if (status >= 100 && status <= 999) {
+        s[0] = (char)('0' + status / 100);
+        s[1] = (char)('0' + status / 10 % 10);
+        s[2] = (char)('0' + status % 10);
+    }
     /* Only registered names become label values: c->model may come straight from the URL
      * (/v1/models/{id}, before auth), and every new value is a new series. */
     const char *fn = c->model[0] && function_known(c->w, c->model) ? c->model : "";
@@ -592,21 +629,24 @@ static void stream_begin(struct router_call *c)
     c->last_write_ms = pw_clock_mono_ms();
 }
 
-/* Arms the call's timer for the first of its deadline and its queue deadline. */
+/* Arms the call's timer for the first of its deadline and its queue deadline, once that is
+ * within TIMER_HORIZON_MS: a time further off is left to the 1 s tick, which calls this
+ * again as it comes near. Most calls end long before their deadline and never need a timer
+ * (an allocation and two timer-heap updates fewer per call). */
 static void arm_timer(struct router_call *c)
 {
     uint64_t at = c->deadline_ms;
     if (c->queue_deadline_ms && (!at || c->queue_deadline_ms < at))
         at = c->queue_deadline_ms;
-    if (!at) {
+    uint64_t now = pw_clock_mono_ms();
+    uint64_t left = at > now ? at - now : 0;
+    if (!at || left > TIMER_HORIZON_MS) {
         if (c->deadline_ev)
             evtimer_del(c->deadline_ev);
         return;
     }
     if (!c->deadline_ev && !(c->deadline_ev = evtimer_new(c->w->base, on_deadline, c)))
         return; /* the 1 s tick is the backstop */
-    uint64_t now = pw_clock_mono_ms();
-    uint64_t left = at > now ? at - now : 0;
     struct timeval tv = {(time_t)(left / 1000), (suseconds_t)(left % 1000) * 1000};
     evtimer_add(c->deadline_ev, &tv);
 }
@@ -665,12 +705,11 @@ static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
                              struct router_openai_error *e)
 {
     struct router *rt = c->w->rt;
-    char qkey[PW_KEY_MAX], limit[16];
+    char qkey[PW_KEY_MAX];
     if (pw_key_queue(qkey, sizeof qkey, c->model) != PW_OK) {
         router_openai_err_model_not_found(e, c->model);
         return PW_ERR_INVAL;
     }
-    snprintf(limit, sizeof limit, "%u", rt->cfg.max_queue);
     uint8_t buf[64 * 1024], *heap = NULL, *data = buf;
     size_t len = 0;
     const char *why = NULL;
@@ -689,20 +728,33 @@ static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
         return PW_ERR_NOMEM;
     }
     *op = (struct enqueue_op){c, part, eval};
-    const char *script = eval ? ENQUEUE_LUA : rt->enqueue_sha;
-    const char *argv[] = {
-        eval ? "EVAL" : "EVALSHA", script, "1", qkey, limit, PW_GROUP_ENGINES, PW_STREAM_FIELD,
-        (const char *)data};
-    size_t lens[] = {eval ? 4 : 7,
-                     strlen(script),
-                     1,
-                     strlen(qkey),
-                     strlen(limit),
-                     strlen(PW_GROUP_ENGINES),
-                     strlen(PW_STREAM_FIELD),
-                     len};
+    enum pw_err pe;
     c->refs++;
-    enum pw_err pe = pw_redis_command_argv(c->w->redis, 8, argv, lens, on_enqueued, op);
+    if (rt->cfg.max_queue == 0) {
+        /* Unbounded: a plain XADD, without the script's cost in Redis. */
+        const char *argv[] = {"XADD", qkey, "*", PW_STREAM_FIELD, (const char *)data};
+        size_t lens[] = {4, strlen(qkey), 1, sizeof PW_STREAM_FIELD - 1, len};
+        pe = pw_redis_command_argv(c->w->redis, 5, argv, lens, on_enqueued, op);
+    } else {
+        const char *script = eval ? ENQUEUE_LUA : rt->enqueue_sha;
+        const char *argv[] = {eval ? "EVAL" : "EVALSHA",
+                              script,
+                              "1",
+                              qkey,
+                              rt->max_queue_arg,
+                              PW_GROUP_ENGINES,
+                              PW_STREAM_FIELD,
+                              (const char *)data};
+        size_t lens[] = {eval ? 4 : 7,
+                         eval ? sizeof ENQUEUE_LUA - 1 : 40,
+                         1,
+                         strlen(qkey),
+                         strlen(rt->max_queue_arg),
+                         sizeof PW_GROUP_ENGINES - 1,
+                         sizeof PW_STREAM_FIELD - 1,
+                         len};
+        pe = pw_redis_command_argv(c->w->redis, 8, argv, lens, on_enqueued, op);
+    }
     free(heap);
     if (pe) {
         c->refs--;
@@ -763,7 +815,7 @@ static void parse_and_enqueue(struct router_call *c)
         .request_id = c->id,
         .tenant = c->key.tenant,
         .key_id = c->key.key_id,
-        .reply_to = c->w->rt->reply_key,
+        .reply_to = c->w->reply_key,
         .now_unix_ms = pw_clock_wall_ms(),
         .default_deadline_ms = c->w->rt->cfg.request_timeout_ms,
         .max_deadline_ms = c->w->rt->cfg.request_timeout_ms,
@@ -788,8 +840,7 @@ static void parse_and_enqueue(struct router_call *c)
         uint64_t d = cap && v > cap ? cap : v;
         c->deadline_ms = pw_clock_mono_ms() + d;
     }
-    if (getrandom(&ctx.seed, sizeof ctx.seed, 0) != sizeof ctx.seed)
-        ctx.seed = pw_clock_mono_ns();
+    ctx.seed = rng_next(c->w);
     enum pw_err pe;
     if (c->route == ROUTE_CHAT) {
         Parkway__InferenceRequest *one = NULL;
@@ -994,14 +1045,14 @@ static void continue_call(struct router_call *c)
         limit_then_enqueue(c);
 }
 
-/* ---- replies (on the worker thread, posted by the reply thread) --------------------- */
+/* ---- replies: each worker reads its own stream, pw:reply:{router_id}:{index} ---------- */
 
-struct posted_chunk {
-    struct router *rt; /* outlives the HTTP server, unlike the workers */
-    struct router_worker *w;
-    size_t len;
-    uint8_t data[];
-};
+#define REPLY_READ_COUNT "512"
+#define REPLY_BLOCK_MS "1000"
+#define REPLY_STALL_MS 5000    /* an XREAD unanswered this long: its connection is dead */
+#define REPLY_RETRY_MS 100     /* pause after a failed XREAD (the client reconnects itself) */
+#define REPLY_TRIM_MS 100      /* XTRIM what was read at most this often ... */
+#define REPLY_TRIM_ENTRIES 256 /* ... unless this many entries wait for it */
 
 static void observe_tokens(struct router_call *c, const Parkway__ReplyChunk *ch)
 {
@@ -1032,24 +1083,23 @@ static void finish_ok(struct router_call *c, int status)
     call_end(c);
 }
 
-static void deliver_chunk(void *arg)
+/* One ReplyChunk read from the worker's reply stream (data borrowed for the call). */
+static void deliver_chunk(struct router_worker *w, const void *data, size_t len)
 {
-    struct posted_chunk *pc = arg;
     Parkway__ReplyChunk *ch = NULL;
-    /* router_http_server_destroy runs tasks still queued after router_stop freed the
-     * workers: such a chunk has no call to go to. */
-    if (!pc->rt->workers || pw_proto_unpack_reply(pc->data, pc->len, 0, &ch) != PW_OK) {
-        free(pc);
+    if (pw_proto_unpack_reply(data, len, 0, &ch) != PW_OK)
         return;
-    }
+    /* "<call id>" or "<call id>.<part>" */
     char base[sizeof((struct router_call *)0)->id];
-    snprintf(base, sizeof base, "%s", ch->request_id);
-    char *dot = strchr(base, '.');
-    if (dot)
-        *dot = '\0';
-    struct router_call *c = table_find(pc->w, base);
+    const char *dot = strchr(ch->request_id, '.');
+    size_t blen = dot ? (size_t)(dot - ch->request_id) : strlen(ch->request_id);
+    if (blen >= sizeof base)
+        goto out; /* not one of ours */
+    memcpy(base, ch->request_id, blen);
+    base[blen] = '\0';
+    struct router_call *c = table_find(w, base);
     if (!c || c->gone || !c->req)
-        goto out;
+        goto out; /* finished, client gone, or a leftover of an earlier process */
     if (c->queue_deadline_ms) {
         /* An engine took it: only the call's own deadline is left. */
         c->queue_deadline_ms = 0;
@@ -1081,12 +1131,12 @@ static void deliver_chunk(void *arg)
     } else {
         if (router_openai_acc_add(c->acc, ch, &finished) == PW_OK && finished) {
             char *body = NULL;
-            size_t len = 0;
+            size_t blen2 = 0;
             int status = 500;
-            if (router_openai_acc_render(c->acc, &body, &len, &status) == PW_OK) {
+            if (router_openai_acc_render(c->acc, &body, &blen2, &status) == PW_OK) {
                 struct router_http_field hdr[] = {{"content-type", "application/json"}};
-                pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)len);
-                router_http_respond(c->req, status, hdr, 1, body, len);
+                pw_metric_counter_add(c->w->rt->m_bytes_out, NULL, (double)blen2);
+                router_http_respond(c->req, status, hdr, 1, body, blen2);
                 free(body);
                 finish_ok(c, status);
             } else {
@@ -1098,91 +1148,133 @@ static void deliver_chunk(void *arg)
     }
 out:
     pw_proto_free_reply(ch);
-    free(pc);
 }
 
-static void *reply_thread(void *arg)
+static bool is_str(const redisReply *r)
 {
-    struct router *rt = arg;
-    redisContext *rc = NULL;
-    char last_id[PW_STREAM_ID_MAX] = "$";
-    uint64_t backoff = 100;
-    while (!rt->stopping) {
-        if (!rc) {
-            char err[256];
-            if (pw_redis_sync_connect(rt->cfg.redis_url, 2000, &rc, err, sizeof err) != PW_OK) {
-                PW_LOG_WARN("event=reply_reader_connect_failed err=%s", err);
-                rc = NULL;
-                struct timespec ts = {(time_t)(backoff / 1000), (long)(backoff % 1000) * 1000000L};
-                nanosleep(&ts, NULL);
-                backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
-                continue;
-            }
-            backoff = 100;
-            struct timeval tv = {3, 0}; /* above the 1 s BLOCK */
-            redisSetTimeout(rc, tv);
-            /* XREAD with "$" means "after the newest entry at the time of this call": a reply
-             * XADDed between two calls would be lost. Read from a concrete id instead, the
-             * newest entry now (or the start of an empty stream). */
-            if (strcmp(last_id, "$") == 0) {
-                const char *q[] = {"XREVRANGE", rt->reply_key, "+", "-", "COUNT", "1"};
-                redisReply *r = redisCommandArgv(rc, 6, q, NULL);
-                struct pw_stream_entries *es = NULL;
-                if (r && r->type == REDIS_REPLY_ARRAY && pw_stream_parse_range(r, &es) == PW_OK)
-                    snprintf(last_id, sizeof last_id, "%s", es->n ? es->v[0].id : "0-0");
-                pw_stream_entries_free(es);
-                freeReplyObject(r);
-            }
-        }
-        const char *argv[] = {"XREAD", "COUNT",   "512",         "BLOCK",
-                              "1000",  "STREAMS", rt->reply_key, last_id};
-        redisReply *r = redisCommandArgv(rc, 8, argv, NULL);
-        if (!r) {
-            PW_LOG_WARN("event=reply_reader_error err=%s", rc->errstr);
-            redisFree(rc);
-            rc = NULL;
-            continue;
-        }
-        struct pw_stream_entries *es = NULL;
-        if (r->type != REDIS_REPLY_ERROR && pw_stream_parse_read(r, &es) == PW_OK) {
-            for (size_t i = 0; i < es->n; i++) {
-                const struct pw_slice *v = pw_stream_entry_get(&es->v[i], PW_STREAM_FIELD);
-                snprintf(last_id, sizeof last_id, "%s", es->v[i].id);
-                if (!v)
-                    continue;
-                /* The request id's first bytes name the worker: "r<2 hex>...". Peek at
-                 * the protobuf only for that; the worker decodes it fully. */
-                Parkway__ReplyChunk *ch = NULL;
-                if (pw_proto_unpack_reply(v->ptr, v->len, 0, &ch) != PW_OK)
-                    continue;
-                unsigned widx = 0;
-                bool ok = ch->request_id && ch->request_id[0] == 'r' &&
-                          sscanf(ch->request_id + 1, "%2x", &widx) == 1 && widx < rt->n_workers;
-                pw_proto_free_reply(ch);
-                if (!ok)
-                    continue;
-                struct posted_chunk *pc = malloc(sizeof *pc + v->len);
-                if (!pc)
-                    continue;
-                pc->rt = rt;
-                pc->w = &rt->workers[widx];
-                pc->len = v->len;
-                memcpy(pc->data, v->ptr, v->len);
-                if (router_http_server_post(rt->http, widx, deliver_chunk, pc) != PW_OK)
-                    free(pc);
-            }
-            /* Entries read are of no further use: trim what this reader has passed. */
-            if (es->n > 0) {
-                const char *t[] = {"XTRIM", rt->reply_key, "MINID", last_id};
-                freeReplyObject(redisCommandArgv(rc, 4, t, NULL));
-            }
-        }
-        pw_stream_entries_free(es);
-        freeReplyObject(r);
+    return r && r->type == REDIS_REPLY_STRING;
+}
+
+/* The entries of an XREAD reply for one stream, [[key, [entry, ...]]]; NULL for nil (the
+ * BLOCK ran out) or any other shape. */
+static const redisReply *read_entries(const redisReply *reply)
+{
+    if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 1)
+        return NULL;
+    const redisReply *s = reply->element[0];
+    if (!s || s->type != REDIS_REPLY_ARRAY || s->elements != 2)
+        return NULL;
+    const redisReply *es = s->element[1];
+    return es && es->type == REDIS_REPLY_ARRAY ? es : NULL;
+}
+
+static void reply_read(struct router_worker *w);
+
+/* XTRIM of what the reader has passed: the entries before reply_last (the last one stays,
+ * which costs nothing). On the reply connection it goes out in the same write as the next
+ * XREAD; from the tick, on the command connection (an XREAD may be blocking the other). */
+static void reply_trim(struct router_worker *w, struct pw_redis *r, uint64_t now)
+{
+    w->untrimmed = 0;
+    w->trimmed_ms = now;
+    pw_redis_command(r, NULL, NULL, "XTRIM", w->reply_key, "MINID", w->reply_last, NULL);
+}
+
+static void on_reply_read(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                          const char *errstr, void *ud)
+{
+    struct router_worker *w = ud;
+    w->reading = false;
+    if (err == PW_ERR_CANCELLED || w->rt->stopping)
+        return; /* the client is being destroyed: no new command */
+    if (err || !reply) {
+        /* Not connected, connection lost before the answer, or an error reply: nothing was
+         * consumed, so the next XREAD from the same id loses nothing. */
+        if (!w->reply_failing)
+            PW_LOG_WARN("event=reply_read_failed worker=%u err=%s", w->index,
+                        errstr ? errstr : "?");
+        w->reply_failing = true;
+        struct timeval tv = {0, REPLY_RETRY_MS * 1000};
+        evtimer_add(w->reply_retry, &tv);
+        return;
     }
-    if (rc)
-        redisFree(rc);
-    return NULL;
+    if (w->reply_failing)
+        PW_LOG_INFO("event=reply_read_resumed worker=%u", w->index);
+    w->reply_failing = false;
+    const redisReply *es = read_entries(reply);
+    for (size_t i = 0; es && i < es->elements; i++) {
+        const redisReply *e = es->element[i];
+        if (!e || e->type != REDIS_REPLY_ARRAY || e->elements != 2 || !is_str(e->element[0]) ||
+            e->element[0]->len >= sizeof w->reply_last)
+            continue;
+        memcpy(w->reply_last, e->element[0]->str, e->element[0]->len + 1);
+        w->untrimmed++;
+        const redisReply *f = e->element[1];
+        if (!f || f->type != REDIS_REPLY_ARRAY)
+            continue;
+        for (size_t k = 0; k + 1 < f->elements; k += 2)
+            if (is_str(f->element[k]) && is_str(f->element[k + 1]) &&
+                f->element[k]->len == sizeof PW_STREAM_FIELD - 1 &&
+                memcmp(f->element[k]->str, PW_STREAM_FIELD, sizeof PW_STREAM_FIELD - 1) == 0) {
+                deliver_chunk(w, f->element[k + 1]->str, f->element[k + 1]->len);
+                break;
+            }
+    }
+    reply_read(w);
+}
+
+/* Sends the next XREAD, unless one is in flight. */
+static void reply_read(struct router_worker *w)
+{
+    if (w->reading || !w->reply_redis || w->rt->stopping)
+        return;
+    uint64_t now = pw_clock_mono_ms();
+    if (w->untrimmed &&
+        (w->untrimmed >= REPLY_TRIM_ENTRIES || now - w->trimmed_ms >= REPLY_TRIM_MS))
+        reply_trim(w, w->reply_redis, now);
+    const char *argv[] = {"XREAD",        "COUNT",   REPLY_READ_COUNT, "BLOCK",
+                          REPLY_BLOCK_MS, "STREAMS", w->reply_key,     w->reply_last};
+    if (pw_redis_command_argv(w->reply_redis, 8, argv, NULL, on_reply_read, w) != PW_OK) {
+        struct timeval tv = {0, REPLY_RETRY_MS * 1000};
+        evtimer_add(w->reply_retry, &tv);
+        return;
+    }
+    w->reading = true;
+    w->read_sent_ms = now;
+}
+
+static void on_reply_retry(evutil_socket_t fd, short what, void *arg)
+{
+    reply_read(arg);
+}
+
+static enum pw_err reply_client_create(struct router_worker *w, char *err, size_t errcap)
+{
+    struct pw_redis_opts ro = {.name = "router-reply"};
+    return pw_redis_create(w->base, w->rt->cfg.redis_url, &ro, &w->reply_redis, err, errcap);
+}
+
+/* From the tick: trims a quiet stream, and replaces a reply client whose XREAD went
+ * unanswered far past its BLOCK (a dead link the kernel has not noticed yet). */
+static void reply_check(struct router_worker *w, uint64_t now)
+{
+    if (w->untrimmed && now - w->trimmed_ms >= REPLY_TRIM_MS)
+        reply_trim(w, w->redis, now);
+    if (w->reply_redis) {
+        if (!w->reading || now - w->read_sent_ms < REPLY_STALL_MS)
+            return;
+        PW_LOG_WARN("event=reply_read_stalled worker=%u ms=%" PRIu64, w->index,
+                    now - w->read_sent_ms);
+        pw_redis_destroy(w->reply_redis); /* its XREAD's callback gets PW_ERR_CANCELLED */
+        w->reply_redis = NULL;
+        w->reading = false;
+    }
+    char err[256];
+    if (reply_client_create(w, err, sizeof err) != PW_OK) {
+        PW_LOG_ERROR("event=reply_client_failed worker=%u err=%s", w->index, err);
+        return; /* the next tick tries again (reply_redis NULL) */
+    }
+    reply_read(w);
 }
 
 /* ---- ticks: deadlines, keep-alives, snapshots --------------------------------------- */
@@ -1254,8 +1346,13 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         struct router_call *c = w->calls[b];
         while (c) {
             struct router_call *next = c->next;
-            if (!call_check_time(c, now) && c->req && c->stream_started &&
-                now - c->last_write_ms >= KEEPALIVE_MS) {
+            if (call_check_time(c, now) || !c->req) {
+                c = next;
+                continue;
+            }
+            if (!c->deadline_ev || !evtimer_pending(c->deadline_ev, NULL))
+                arm_timer(c); /* its time may have come within the horizon */
+            if (c->stream_started && now - c->last_write_ms >= KEEPALIVE_MS) {
                 /* Proxies and clients time out an idle response: while the call waits for
                  * an engine (cold start, queue) or a first token, say it is alive. */
                 struct router_sse_buf buf;
@@ -1268,6 +1365,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
             c = next;
         }
     }
+    reply_check(w, now);
 }
 
 /* ---- entry points ------------------------------------------------------------------ */
@@ -1346,10 +1444,7 @@ void router_handle(struct router_http_request *req, void *ud)
     c->start_ns = req->start_ns;
     c->deadline_ms =
         rt->cfg.request_timeout_ms ? pw_clock_mono_ms() + rt->cfg.request_timeout_ms : 0;
-    uint64_t rnd = 0;
-    if (getrandom(&rnd, sizeof rnd, 0) != sizeof rnd)
-        rnd = pw_clock_mono_ns() ^ ++w->seq;
-    snprintf(c->id, sizeof c->id, "r%02x%016" PRIx64, w->index & 0xff, rnd);
+    call_make_id(c->id, w->index, rng_next(w));
     router_http_request_set_cancel(req, on_client_gone, c);
 
     struct router_openai_error e;
@@ -1401,6 +1496,9 @@ static void workers_free(struct router *rt)
         struct router_worker *w = &rt->workers[i];
         if (w->tick)
             event_free(w->tick);
+        pw_redis_destroy(w->reply_redis); /* an XREAD in flight is cancelled: no new one */
+        if (w->reply_retry)
+            event_free(w->reply_retry);
         pw_redis_destroy(w->redis);
         fns_free(w->fns, w->n_fns);
         w->fns = NULL;
@@ -1415,7 +1513,8 @@ static void workers_free(struct router *rt)
 enum pw_err router_start(struct router *rt, char *err, size_t errcap)
 {
     rt->started_unix_s = pw_clock_wall_ms() / 1000;
-    if (pw_key_reply(rt->reply_key, sizeof rt->reply_key, rt->router_id) != PW_OK) {
+    char probe[PW_KEY_MAX];
+    if (pw_key_reply_worker(probe, sizeof probe, rt->router_id, 0) != PW_OK) {
         snprintf(err, errcap, "router id %s: use 1-128 of [A-Za-z0-9._-]", rt->router_id);
         return PW_ERR_CONFIG;
     }
@@ -1428,6 +1527,7 @@ enum pw_err router_start(struct router *rt, char *err, size_t errcap)
         return PW_ERR_INTERNAL;
     }
     pw_hex_encode(md, md_len, rt->enqueue_sha);
+    snprintf(rt->max_queue_arg, sizeof rt->max_queue_arg, "%u", rt->cfg.max_queue);
     rt->metrics = pw_metrics_create();
     if (!rt->metrics)
         return PW_ERR_NOMEM;
@@ -1467,27 +1567,34 @@ enum pw_err router_start(struct router *rt, char *err, size_t errcap)
         w->rt = rt;
         w->index = i;
         w->base = router_http_server_base(rt->http, i);
+        w->rng = seed_rng(i);
+        /* Replies for this worker's calls come back on a stream of its own, read on its
+         * own loop from the start ("0-0", not "$": an entry XADDed before the first XREAD
+         * must not be skipped; a leftover of an earlier process finds no call and is
+         * trimmed). */
+        snprintf(w->reply_last, sizeof w->reply_last, "0-0");
+        w->trimmed_ms = pw_clock_mono_ms();
+        if ((e = pw_key_reply_worker(w->reply_key, sizeof w->reply_key, rt->router_id, i))) {
+            snprintf(err, errcap, "router id %s: too long", rt->router_id);
+            goto fail;
+        }
         struct pw_redis_opts ro = {.name = "router"};
-        if ((e = pw_redis_create(w->base, rt->cfg.redis_url, &ro, &w->redis, err, errcap)))
+        if ((e = pw_redis_create(w->base, rt->cfg.redis_url, &ro, &w->redis, err, errcap)) ||
+            (e = reply_client_create(w, err, errcap)))
             goto fail;
         pw_redis_subscribe(w->redis, REVOKE_CHANNEL, on_key_revoked, w);
         refresh_functions(w);
         w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
+        w->reply_retry = evtimer_new(w->base, on_reply_retry, w);
         struct timeval tv = {1, 0};
-        if (!w->tick || event_add(w->tick, &tv) != 0) {
+        if (!w->tick || !w->reply_retry || event_add(w->tick, &tv) != 0) {
             e = PW_ERR_NOMEM;
             goto fail;
         }
-    }
-    if (pthread_create(&rt->reply_thread, NULL, reply_thread, rt) != 0) {
-        snprintf(err, errcap, "cannot start the reply thread");
-        e = PW_ERR_INTERNAL;
-        goto fail;
+        reply_read(w); /* waits in the client's queue until it has connected */
     }
     return PW_OK;
 fail:
-    /* No reply thread runs: free the workers here, so router_stop has no thread to join
-     * (rt->workers == NULL tells it). */
     workers_free(rt);
     return e;
 }
@@ -1495,8 +1602,6 @@ fail:
 void router_stop(struct router *rt)
 {
     rt->stopping = 1;
-    if (rt->workers)
-        pthread_join(rt->reply_thread, NULL); /* it runs whenever workers exist */
     workers_free(rt);
     pw_metrics_destroy(rt->metrics);
     rt->metrics = NULL;

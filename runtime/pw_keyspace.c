@@ -70,6 +70,13 @@ enum pw_err pw_key_reply(char *buf, size_t cap, const char *router_id)
     return build_key(buf, cap, "pw:reply:", router_id, "");
 }
 
+enum pw_err pw_key_reply_worker(char *buf, size_t cap, const char *router_id, unsigned worker)
+{
+    char suffix[16];
+    snprintf(suffix, sizeof suffix, ":%u", worker);
+    return build_key(buf, cap, "pw:reply:", router_id, suffix);
+}
+
 enum pw_err pw_key_cancel(char *buf, size_t cap, const char *request_id)
 {
     return build_key(buf, cap, "pw:cancel:", request_id, "");

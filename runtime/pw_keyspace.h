@@ -54,6 +54,9 @@ enum pw_err pw_key_cancel(char *buf, size_t cap, const char *request_id); /* pw:
 enum pw_err pw_key_batch(char *buf, size_t cap, const char *batch_id);    /* pw:batch:{id} */
 enum pw_err pw_key_file(char *buf, size_t cap, const char *file_id);      /* pw:file:{id} */
 
+/* pw:reply:{id}:N: the reply stream of one router worker thread (N = its index, decimal). */
+enum pw_err pw_key_reply_worker(char *buf, size_t cap, const char *router_id, unsigned worker);
+
 /* ---------------------------------------------------------------------------------------- */
 /* Parsed stream entries                                                                    */
 /* ---------------------------------------------------------------------------------------- */

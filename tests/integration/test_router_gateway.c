@@ -9,7 +9,8 @@
  * Covers auth (missing, bad, unknown, disabled, revoked through pw:keys:revoked, and keys
  * made by `parkway keys` when the CLI has the command), 403/404/405/400/413/429, answers
  * assembled from chunks, SSE framing with usage, retried attempts, client disconnect and
- * deadline cancel flags, Redis loss and return, x-request-id, /healthz, /readyz, /metrics.
+ * deadline cancel flags, Redis loss and return (also while a call waits for its next chunk),
+ * replies read per worker thread, x-request-id, /healthz, /readyz, /metrics.
  * Each router's stderr goes to a file; the teardown fails on a sanitizer report in it.
  */
 #include <setjmp.h>
@@ -1769,6 +1770,127 @@ static void test_bad_redis_url_exits_2(void **state)
     assert_int_equal(WEXITSTATUS(rc), 2);
 }
 
+/* Every worker thread reads its own reply stream: many calls over many connections (spread
+ * over the router's 2 threads by SO_REUSEPORT) are all answered, each with its own text, in
+ * an order unrelated to the one they came in. */
+static void test_replies_per_worker(void **state)
+{
+    (void)state;
+    enum { N = 24 };
+    engine_drain(FN);
+    struct hconn *h[N];
+    for (int i = 0; i < N; i++) {
+        h[i] = hc_open(g_router.port);
+        assert_non_null(h[i]);
+        assert_true(hc_request(h[i], "POST", "/v1/chat/completions", g_key, NULL, CHAT_BODY,
+                               strlen(CHAT_BODY)));
+    }
+    Parkway__InferenceRequest *req[N];
+    bool worker_seen[2] = {false, false};
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "pw:reply:{test-%d}:", g_router.port);
+    for (int i = 0; i < N; i++) {
+        req[i] = engine_take(FN, 5000);
+        assert_non_null(req[i]);
+        /* reply_to names the worker that queued the call: the one in the call's id. */
+        unsigned widx = 0;
+        assert_int_equal(sscanf(req[i]->id + 1, "%2x", &widx), 1);
+        assert_true(widx < 2);
+        worker_seen[widx] = true;
+        char want[96];
+        snprintf(want, sizeof want, "%s%u", prefix, widx);
+        assert_string_equal(req[i]->reply_to, want);
+    }
+    /* 24 connections all on one thread: 2^-23, or a broken spread. */
+    assert_true(worker_seen[0] && worker_seen[1]);
+    /* Answer newest first, each with its own id as the text. */
+    for (int i = N - 1; i >= 0; i--)
+        engine_send(req[i],
+                    &(struct chunk_spec){.seq = 0,
+                                         .text = req[i]->id,
+                                         .finish = PARKWAY__FINISH_REASON__FINISH_REASON_STOP,
+                                         .done = true,
+                                         .prompt_tokens = 1,
+                                         .completion_tokens = 1});
+    for (int i = 0; i < N; i++) {
+        struct hresp r;
+        assert_true(hc_read(h[i], &r));
+        assert_int_equal(r.status, 200);
+        json_t *j = json_loadb(r.body, r.body_len, 0, NULL);
+        assert_non_null(j);
+        const char *id = json_string_value(json_object_get(j, "id"));
+        assert_non_null(id);
+        assert_int_equal(strncmp(id, "chatcmpl-", 9), 0);
+        json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+        const char *text =
+            json_string_value(json_object_get(json_object_get(c0, "message"), "content"));
+        assert_non_null(text);
+        assert_string_equal(text, id + 9); /* its own answer, not a neighbour's */
+        json_decref(j);
+        resp_free(&r);
+        hc_close(h[i]);
+    }
+    for (int i = 0; i < N; i++)
+        pw_proto_free_request(req[i]);
+}
+
+/* Redis restarts (empty: no persistence) while a streaming call waits between two chunks:
+ * the worker's reply reader reconnects and reads on from the last id it had, so the rest of
+ * the answer arrives, a chunk sent again after the restart is dropped as a duplicate, and
+ * the call ends normally. */
+static void test_redis_restart_while_call_waits(void **state)
+{
+    (void)state;
+    static const char body[] = "{\"model\":\"" FN "\",\"messages\":[{\"role\":\"user\",\"content\":"
+                               "\"hi\"}],\"stream\":true}";
+    engine_drain(FN);
+    struct hconn *h = hc_open(g_router.port);
+    assert_non_null(h);
+    assert_true(hc_request(h, "POST", "/v1/chat/completions", g_key, NULL, body, strlen(body)));
+    Parkway__InferenceRequest *req = engine_take(FN, 5000);
+    assert_non_null(req);
+    struct hresp r;
+    assert_true(hc_read_head(h, &r));
+    assert_int_equal(r.status, 200);
+    r.body = calloc(1, 1);
+    engine_send(req, &(struct chunk_spec){.seq = 0, .text = "Hel"});
+    while (!strstr(r.body, "Hel"))
+        assert_true(hc_read_chunk(h, &r) > 0);
+
+    pw_test_redis_kill(&g_redis);
+    redisFree(g_rc);
+    g_rc = NULL;
+    pw_test_sleep_ms(300); /* the router sees the connections drop */
+    assert_int_equal(pw_test_redis_resume(&g_redis), PW_OK);
+    redis_connect();
+    seed_functions(); /* no persistence: the restarted server is empty */
+    make_key(g_key, NULL, "acme", NULL, 0, 0, false);
+
+    engine_send(req, &(struct chunk_spec){.seq = 0, .text = "Hel"}); /* a duplicate */
+    engine_send(req, &(struct chunk_spec){.seq = 1,
+                                          .text = "lo",
+                                          .finish = PARKWAY__FINISH_REASON__FINISH_REASON_STOP,
+                                          .done = true,
+                                          .prompt_tokens = 7,
+                                          .completion_tokens = 2});
+    pw_proto_free_request(req);
+    long n;
+    while ((n = hc_read_chunk(h, &r)) > 0) /* the reader's backoff is at most 5 s */
+        ;
+    assert_int_equal(n, 0);
+    char *ev[64], text[256];
+    size_t ne = sse_events(r.body, ev, 64);
+    const char *finish;
+    json_t *uc;
+    sse_collect(ev, ne, text, sizeof text, &finish, &uc);
+    assert_string_equal(text, "Hello");
+    assert_non_null(finish);
+    assert_string_equal(finish, "stop");
+    assert_string_equal(ev[ne - 1], "[DONE]");
+    resp_free(&r);
+    hc_close(h);
+}
+
 static void test_redis_down_then_back(void **state)
 {
     (void)state;
@@ -1860,6 +1982,8 @@ int main(void)
         cmocka_unit_test(test_tokens_per_minute_429),
         cmocka_unit_test(test_script_cache_flush_is_survived),
         cmocka_unit_test(test_bad_redis_url_exits_2),
+        cmocka_unit_test(test_replies_per_worker),
+        cmocka_unit_test(test_redis_restart_while_call_waits),
         cmocka_unit_test(test_redis_down_then_back),
     };
     signal(SIGPIPE, SIG_IGN);
