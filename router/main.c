@@ -51,7 +51,9 @@ static void usage(FILE *out)
             "  --storage-dir DIR      Files API and batch outputs (default\n"
             "                         $PARKWAY_STATE_DIR/files or ~/.local/state/parkway/files)\n"
             "  --max-file-bytes N     largest upload to /v1/files (default 209715200); uploads\n"
-            "                         are also bounded by --max-body-bytes\n");
+            "                         are spooled to disk as they arrive, never held in memory\n"
+            "  --spool-dir DIR        where upload bodies are spooled (default\n"
+            "                         <storage-dir>/.spool; must be a disk, not tmpfs)\n");
 }
 
 static int parse_num(const char *name, const char *s, unsigned long long max,
@@ -97,6 +99,7 @@ int main(int argc, char **argv)
         O_STORAGE,
         O_MAX_FILE,
         O_MAX_QUEUE,
+        O_SPOOL,
         O_HELP,
     };
     static const struct option longopts[] = {
@@ -118,9 +121,11 @@ int main(int argc, char **argv)
         {"storage-dir", required_argument, NULL, O_STORAGE},
         {"max-file-bytes", required_argument, NULL, O_MAX_FILE},
         {"max-queue", required_argument, NULL, O_MAX_QUEUE},
+        {"spool-dir", required_argument, NULL, O_SPOOL},
         {"help", no_argument, NULL, O_HELP},
         {NULL, 0, NULL, 0},
     };
+    const char *spool_dir = NULL;
     int opt, bad = 0;
     unsigned long long v = 0; /* read only after parse_num succeeded */
     while ((opt = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -190,6 +195,9 @@ int main(int argc, char **argv)
             bad |= parse_num("max-queue", optarg, 100000000, &v);
             cfg->max_queue = (uint32_t)v;
             break;
+        case O_SPOOL:
+            spool_dir = optarg;
+            break;
         case O_HELP:
             usage(stdout);
             return 0;
@@ -218,6 +226,27 @@ int main(int argc, char **argv)
         pw_cli_host_pid_id(rt.router_id, sizeof rt.router_id, "router");
     }
 
+    /* Files and Batches: storage for the bytes; upload bodies spool beside it (same disk). */
+    char storage_dir[4096], spool_buf[4200];
+    if (!cfg->storage_dir) {
+        const char *state = getenv("PARKWAY_STATE_DIR"), *home = getenv("HOME");
+        if (state && *state)
+            snprintf(storage_dir, sizeof storage_dir, "%s/files", state);
+        else
+            snprintf(storage_dir, sizeof storage_dir, "%s/.local/state/parkway/files",
+                     home && *home ? home : ".");
+        cfg->storage_dir = storage_dir;
+    }
+    if (!spool_dir) {
+        const char *sd = cfg->storage_dir;
+        snprintf(spool_buf, sizeof spool_buf, "%s/.spool",
+                 strncmp(sd, "file://", 7) == 0 ? sd + 7 : sd);
+        spool_dir = spool_buf;
+    }
+    cfg->http.body_spool.fn = router_files_spool_limit;
+    cfg->http.body_spool.ud = &rt;
+    cfg->http.body_spool.dir = spool_dir;
+
     char err[512] = "";
     enum pw_err e = router_http_server_create(&cfg->http, router_handle, &rt, &rt.http);
     if (e) {
@@ -231,17 +260,7 @@ int main(int argc, char **argv)
         router_http_server_destroy(rt.http);
         return pw_err_exit_code(e);
     }
-    /* Files and Batches: storage for the bytes, and the coordinator that runs batches. */
-    char storage_dir[4096];
-    if (!cfg->storage_dir) {
-        const char *state = getenv("PARKWAY_STATE_DIR"), *home = getenv("HOME");
-        if (state && *state)
-            snprintf(storage_dir, sizeof storage_dir, "%s/files", state);
-        else
-            snprintf(storage_dir, sizeof storage_dir, "%s/.local/state/parkway/files",
-                     home && *home ? home : ".");
-        cfg->storage_dir = storage_dir;
-    }
+    /* Files and Batches: the storage, and the coordinator that runs batches. */
     if ((e = pw_storage_open(cfg->storage_dir, &rt.storage, err, sizeof err)) ||
         (e = router_batch_coord_start(&rt, &rt.batch, err, sizeof err))) {
         fprintf(stderr, "parkway-router: %s\n", err[0] ? err : pw_err_desc(e));

@@ -283,80 +283,212 @@ out:
     json_decref(root);
 }
 
+/* Validation state while lines stream by. */
+struct vstate {
+    const char *endpoint;
+    router_openai_model_check_fn check;
+    void *check_arg;
+    struct router_batch_input *out;
+    size_t lines_cap;
+    struct err_list el;
+    struct idset ids;
+    uint32_t lineno;
+    bool too_many;
+};
+
+/* Doubles the custom_id set, re-inserting the borrowed strings. */
+static bool idset_grow(struct idset *set)
+{
+    struct idset n = {calloc(set->cap * 2, sizeof(char *)), set->cap * 2};
+    if (!n.v)
+        return false;
+    for (size_t i = 0; i < set->cap; i++)
+        if (set->v[i])
+            idset_add(&n, set->v[i]);
+    free(set->v);
+    *set = n;
+    return true;
+}
+
+/* One line (without its '\n') at byte off of the input. */
+static enum pw_err v_line(struct vstate *v, const char *p, size_t l, uint64_t off)
+{
+    struct router_batch_input *out = v->out;
+    v->lineno++;
+    size_t ws = 0;
+    while (ws < l && strchr(" \t\r", p[ws]) && p[ws])
+        ws++;
+    if (ws == l)
+        return PW_OK; /* blank lines are skipped */
+    if (out->n >= ROUTER_BATCH_MAX_LINES) {
+        v->too_many = true;
+        return PW_OK;
+    }
+    if (out->n == v->lines_cap) {
+        size_t ncap = v->lines_cap ? v->lines_cap * 2 : 64;
+        if (ncap > ROUTER_BATCH_MAX_LINES)
+            ncap = ROUTER_BATCH_MAX_LINES;
+        struct router_batch_line *nl = realloc(out->lines, ncap * sizeof *nl);
+        if (!nl)
+            return PW_ERR_NOMEM;
+        out->lines = nl;
+        v->lines_cap = ncap;
+    }
+    if ((out->n + 1) * 2 > v->ids.cap && !idset_grow(&v->ids))
+        return PW_ERR_NOMEM;
+    struct router_batch_line *ln = &out->lines[out->n];
+    memset(ln, 0, sizeof *ln);
+    bool ok;
+    check_line(p, l, v->lineno, v->endpoint, v->check, v->check_arg, &v->ids, &v->el, ln, &ok);
+    if (ok) {
+        ln->off = (size_t)off;
+        ln->len = l;
+        ln->lineno = v->lineno;
+        out->n++;
+    }
+    return PW_OK;
+}
+
+/* Feeds every line of the stream to v_line through one bounded buffer. */
+static enum pw_err v_stream(struct vstate *v, router_batch_read_fn rd, void *rd_ud)
+{
+    size_t cap = ROUTER_BATCH_READ_CHUNK, len = 0;
+    uint64_t base = 0;     /* input offset of buf[0] */
+    bool skipping = false; /* discarding the rest of a line over ROUTER_BATCH_LINE_MAX */
+    enum pw_err e = PW_OK;
+    char *buf = malloc(cap);
+    if (!buf)
+        return PW_ERR_NOMEM;
+    for (;;) {
+        if (len == cap) {
+            if (cap >= ROUTER_BATCH_LINE_MAX) {
+                if (!skipping) {
+                    v->lineno++;
+                    add_error(&v->el, v->lineno, "line_too_long", NULL,
+                              "This line is longer than %u bytes.", ROUTER_BATCH_LINE_MAX);
+                    skipping = true;
+                }
+                base += len;
+                len = 0;
+            } else {
+                size_t ncap = cap * 2 > ROUTER_BATCH_LINE_MAX ? ROUTER_BATCH_LINE_MAX : cap * 2;
+                char *nb = realloc(buf, ncap);
+                if (!nb) {
+                    e = PW_ERR_NOMEM;
+                    break;
+                }
+                buf = nb;
+                cap = ncap;
+            }
+        }
+        size_t want = cap - len, got = 0;
+        if (want > ROUTER_BATCH_READ_CHUNK && !skipping)
+            want = ROUTER_BATCH_READ_CHUNK;
+        if ((e = rd(rd_ud, buf + len, want, &got)))
+            break;
+        bool eof = got == 0;
+        size_t from = len, start = 0;
+        len += got;
+        for (;;) {
+            char *nl = memchr(buf + from, '\n', len - from);
+            if (!nl)
+                break;
+            size_t l = (size_t)(nl - (buf + start));
+            if (skipping)
+                skipping = false; /* the end of the long line */
+            else if ((e = v_line(v, buf + start, l, base + start)))
+                goto out;
+            start += l + 1;
+            from = start;
+        }
+        if (eof) {
+            if (start < len && !skipping)
+                e = v_line(v, buf + start, len - start, base + start);
+            break;
+        }
+        memmove(buf, buf + start, len - start);
+        base += start;
+        len -= start;
+    }
+out:
+    free(buf);
+    return e;
+}
+
+enum pw_err router_batch_input_parse_stream(router_batch_read_fn rd, void *rd_ud,
+                                            const char *endpoint,
+                                            router_openai_model_check_fn check, void *check_arg,
+                                            struct router_batch_input *out)
+{
+    memset(out, 0, sizeof *out);
+    struct vstate v = {
+        .endpoint = endpoint,
+        .check = check,
+        .check_arg = check_arg,
+        .out = out,
+        .el = {json_array(), 0},
+        .ids = {calloc(64, sizeof(char *)), 64},
+    };
+    enum pw_err e = PW_OK;
+    if (!v.el.data || !v.ids.v) {
+        e = PW_ERR_NOMEM;
+        goto fail;
+    }
+    if (!endpoint_ok(endpoint))
+        add_error(&v.el, 0, "invalid_url", "endpoint", "Unsupported endpoint '%s'.",
+                  endpoint ? endpoint : "");
+    else if ((e = v_stream(&v, rd, rd_ud)))
+        goto fail;
+    if (v.too_many)
+        add_error(&v.el, 0, "too_many_requests", NULL, "A batch may hold at most %d requests.",
+                  ROUTER_BATCH_MAX_LINES);
+    if (v.el.n == 0 && out->n == 0)
+        add_error(&v.el, 0, "empty_file", NULL, "The input file has no request lines.");
+    free(v.ids.v);
+    v.ids.v = NULL;
+    out->n_errors = v.el.n;
+    if (v.el.n) {
+        json_t *o = json_pack("{s:s,s:o}", "object", "list", "data", v.el.data);
+        v.el.data = NULL;
+        out->errors_json = o ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        if (!out->errors_json) {
+            e = PW_ERR_NOMEM;
+            goto fail;
+        }
+    } else {
+        json_decref(v.el.data);
+    }
+    return PW_OK;
+fail:
+    json_decref(v.el.data);
+    free(v.ids.v);
+    router_batch_input_deinit(out);
+    return e;
+}
+
+struct mem_reader {
+    const char *p;
+    size_t left;
+};
+
+static enum pw_err mem_read(void *ud, void *buf, size_t cap, size_t *n_out)
+{
+    struct mem_reader *m = ud;
+    size_t n = m->left < cap ? m->left : cap;
+    memcpy(buf, m->p, n);
+    m->p += n;
+    m->left -= n;
+    *n_out = n;
+    return PW_OK;
+}
+
 enum pw_err router_batch_input_parse(const char *data, size_t len, const char *endpoint,
                                      router_openai_model_check_fn check, void *check_arg,
                                      struct router_batch_input *out)
 {
-    memset(out, 0, sizeof *out);
-    size_t n_lines = 0;
-    for (size_t i = 0; i < len; i++)
-        n_lines += data[i] == '\n';
-    n_lines++;
-    struct err_list el = {json_array(), 0};
-    struct idset ids = {0};
-    ids.cap = 16;
-    size_t want = n_lines < ROUTER_BATCH_MAX_LINES ? n_lines : ROUTER_BATCH_MAX_LINES;
-    while (ids.cap < want * 2)
-        ids.cap <<= 1;
-    ids.v = calloc(ids.cap, sizeof *ids.v);
-    out->lines = calloc(want ? want : 1, sizeof *out->lines);
-    if (!el.data || !ids.v || !out->lines) {
-        json_decref(el.data);
-        free(ids.v);
-        free(out->lines);
-        out->lines = NULL;
-        return PW_ERR_NOMEM;
-    }
-    if (!endpoint_ok(endpoint))
-        add_error(&el, 0, "invalid_url", "endpoint", "Unsupported endpoint '%s'.",
-                  endpoint ? endpoint : "");
-    const char *p = data, *end = data + len;
-    uint32_t lineno = 0;
-    bool too_many = false;
-    while (endpoint_ok(endpoint) && p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *stop = nl ? nl : end;
-        lineno++;
-        size_t l = (size_t)(stop - p);
-        size_t ws = 0;
-        while (ws < l && strchr(" \t\r", p[ws]))
-            ws++;
-        if (ws < l) {
-            if (out->n + (too_many ? 1 : 0) >= ROUTER_BATCH_MAX_LINES) {
-                too_many = true;
-            } else {
-                struct router_batch_line *ln = &out->lines[out->n];
-                bool ok;
-                check_line(p, l, lineno, endpoint, check, check_arg, &ids, &el, ln, &ok);
-                if (ok) {
-                    ln->off = (size_t)(p - data);
-                    ln->len = l;
-                    ln->lineno = lineno;
-                    out->n++;
-                }
-            }
-        }
-        p = stop + 1;
-    }
-    if (too_many)
-        add_error(&el, 0, "too_many_requests", NULL, "A batch may hold at most %d requests.",
-                  ROUTER_BATCH_MAX_LINES);
-    if (el.n == 0 && out->n == 0)
-        add_error(&el, 0, "empty_file", NULL, "The input file has no request lines.");
-    free(ids.v);
-    out->n_errors = el.n;
-    if (el.n) {
-        json_t *o = json_pack("{s:s,s:o}", "object", "list", "data", el.data);
-        out->errors_json = o ? json_dumps(o, JSON_COMPACT) : NULL;
-        json_decref(o);
-        if (!out->errors_json) {
-            router_batch_input_deinit(out);
-            return PW_ERR_NOMEM;
-        }
-    } else {
-        json_decref(el.data);
-    }
-    return PW_OK;
+    struct mem_reader m = {data, len};
+    return router_batch_input_parse_stream(mem_read, &m, endpoint, check, check_arg, out);
 }
 
 void router_batch_input_deinit(struct router_batch_input *in)
@@ -813,8 +945,10 @@ struct coord_batch {
     char id[PW_KEY_NAME_MAX + 1];
     bool seen; /* in the active set this tick */
     bool loaded;
-    char *input; /* owned: the input file */
-    size_t input_len;
+    /* owned: a reader open on the input file; lines are read back one at a time by their
+     * offsets (never the whole file in memory), and it keeps seeing the file even if it is
+     * deleted meanwhile */
+    struct pw_storage_reader *input;
     struct router_batch_input in;
     struct coord_line *lines; /* owned, in.n */
     char endpoint[32];
@@ -856,7 +990,7 @@ static void batch_free(struct coord_batch *b)
         router_openai_acc_destroy(b->lines[i].acc);
     free(b->lines);
     router_batch_input_deinit(&b->in);
-    free(b->input);
+    pw_storage_reader_close(b->input);
     free(b);
 }
 
@@ -957,13 +1091,18 @@ static void now_str(char *buf, size_t cap)
     snprintf(buf, cap, "%" PRId64, pw_clock_wall_ms() / 1000);
 }
 
+static enum pw_err storage_read(void *ud, void *buf, size_t cap, size_t *n_out)
+{
+    return pw_storage_read(ud, buf, cap, n_out);
+}
+
 static bool load_input(struct router_batch_coord *c, struct coord_batch *b,
                        const struct pw_stream_entry *h, struct model_list *ml, char *why,
                        size_t whycap)
 {
     /* A reload replaces whatever an earlier attempt left. */
     router_batch_input_deinit(&b->in);
-    free(b->input);
+    pw_storage_reader_close(b->input);
     b->input = NULL;
     free(b->lines);
     b->lines = NULL;
@@ -987,15 +1126,21 @@ static bool load_input(struct router_batch_coord *c, struct coord_batch *b,
     }
     size_t max =
         c->rt->cfg.max_file_bytes ? c->rt->cfg.max_file_bytes : ROUTER_FILES_DEFAULT_MAX_BYTES;
-    enum pw_err pe = pw_storage_get(c->rt->storage, sid, max, &b->input, &b->input_len);
+    uint64_t size = 0;
+    enum pw_err pe = pw_storage_reader_open(c->rt->storage, sid, &size, &b->input);
+    if (!pe && size > max)
+        pe = PW_ERR_TOOBIG;
     if (pe) {
+        pw_storage_reader_close(b->input);
+        b->input = NULL;
         snprintf(why, whycap, "Cannot read the input file %s: %s.", fid, pw_err_desc(pe));
         return false;
     }
-    /* A reload (ml NULL) skips the model check: the lines passed it at validation, and a
-     * function removed since then fails its lines one by one at enqueue. */
-    if ((pe = router_batch_input_parse(b->input, b->input_len, b->endpoint, ml ? model_check : NULL,
-                                       ml, &b->in))) {
+    /* Line by line through a bounded buffer. A reload (ml NULL) skips the model check: the
+     * lines passed it at validation, and a function removed since then fails its lines one
+     * by one at enqueue. */
+    if ((pe = router_batch_input_parse_stream(storage_read, b->input, b->endpoint,
+                                              ml ? model_check : NULL, ml, &b->in))) {
         snprintf(why, whycap, "Cannot validate the input file: %s.", pw_err_desc(pe));
         return false;
     }
@@ -1055,7 +1200,7 @@ static void validate(struct router_batch_coord *c, struct coord_batch *b,
     }
     free(errors);
     router_batch_input_deinit(&b->in);
-    free(b->input);
+    pw_storage_reader_close(b->input);
     b->input = NULL;
 }
 
@@ -1140,8 +1285,25 @@ static enum pw_err line_parts(struct coord_batch *b, size_t i, int64_t deadline_
         .seed = hash_str(id),
     };
     const struct router_batch_line *ln = &b->in.lines[i];
-    enum pw_err e =
-        router_batch_line_requests(b->input + ln->off, ln->len, b->endpoint, &ctx, parts, n, err);
+    /* The line's bytes again, from the input file (bounded: ROUTER_BATCH_LINE_MAX). */
+    char *text = malloc(ln->len ? ln->len : 1);
+    size_t got = 0;
+    enum pw_err e = text ? PW_OK : PW_ERR_NOMEM;
+    if (!e)
+        e = b->input ? pw_storage_read_at(b->input, ln->off, text, ln->len, &got) : PW_ERR_IO;
+    if (!e && got != ln->len)
+        e = PW_ERR_IO; /* the object changed under us */
+    if (e) {
+        free(text);
+        *parts = NULL;
+        *n = 0;
+        router_openai_err_internal(err);
+        PW_LOG_WARN("event=batch_line_read_failed batch=%s line=%zu err=%s", b->id, i,
+                    pw_err_name(e));
+        return e == PW_ERR_NOMEM ? e : PW_ERR_IO;
+    }
+    e = router_batch_line_requests(text, ln->len, b->endpoint, &ctx, parts, n, err);
+    free(text);
     /* The lane's messages say which batch line they are (for engines, logs, the scaler). */
     for (size_t k = 0; e == PW_OK && k < *n; k++) {
         char *bid = strdup(b->id), *cid = strdup(ln->custom_id);
@@ -1343,6 +1505,10 @@ static void enqueue(struct router_batch_coord *c, struct coord_batch *b, size_t 
             struct router_openai_error err;
             memset(&err, 0, sizeof err);
             enum pw_err pe = line_parts(b, i, deadline_ms, &parts, &n, &err);
+            if (pe == PW_ERR_IO || pe == PW_ERR_NOMEM) {
+                ok = false; /* the input cannot be read now: retried next tick */
+                break;
+            }
             if (pe == PW_OK) {
                 for (size_t k = 0; k < n && ok; k++) {
                     const char *why = NULL;

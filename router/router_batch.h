@@ -38,6 +38,9 @@
 #define ROUTER_BATCH_TICK_MS 200         /* coordinator period */
 #define ROUTER_BATCH_CANCEL_GRACE_S 60   /* cancelling waits this long for running lines */
 #define ROUTER_BATCH_WINDOW_MAX_S 604800 /* longest completion_window accepted (7 days) */
+/* Bytes of one input line: an interactive request body's default limit. */
+#define ROUTER_BATCH_LINE_MAX (8u * 1024u * 1024u)
+#define ROUTER_BATCH_READ_CHUNK 65536u /* bytes read from storage at a time when validating */
 
 /* ---- routing ------------------------------------------------------------------------- */
 
@@ -53,7 +56,7 @@ void router_batch_api_handle(struct router_worker *w, struct router_http_request
 
 /* One request line of a batch input file. */
 struct router_batch_line {
-    size_t off, len; /* the line's bytes in the input */
+    size_t off, len; /* the line's bytes in the input (byte offset from its start) */
     uint32_t lineno; /* 1-based line number in the file */
     char *custom_id; /* owned, NUL-terminated */
     char *function;  /* owned: the body's model */
@@ -77,6 +80,22 @@ struct router_batch_input {
 enum pw_err router_batch_input_parse(const char *data, size_t len, const char *endpoint,
                                      router_openai_model_check_fn check, void *check_arg,
                                      struct router_batch_input *out);
+
+/* Reads up to cap bytes of an input into buf; *n_out == 0 at its end. */
+typedef enum pw_err (*router_batch_read_fn)(void *ud, void *buf, size_t cap, size_t *n_out);
+
+/*
+ * router_batch_input_parse over a stream (e.g. a pw_storage reader): the input is read in
+ * ROUTER_BATCH_READ_CHUNK pieces into one line buffer that grows only to the longest line,
+ * never past ROUTER_BATCH_LINE_MAX (a longer line is a per-line error, line_too_long), so
+ * memory is bounded by the longest line plus the per-line records (custom_id, model), not by
+ * the file. Each line keeps its byte offset and length, so a caller reads one line back
+ * later (pw_storage_read_at). An error of rd is returned as is (out is then empty).
+ */
+enum pw_err router_batch_input_parse_stream(router_batch_read_fn rd, void *rd_ud,
+                                            const char *endpoint,
+                                            router_openai_model_check_fn check, void *check_arg,
+                                            struct router_batch_input *out);
 void router_batch_input_deinit(struct router_batch_input *in);
 
 /*

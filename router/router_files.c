@@ -9,12 +9,14 @@
  */
 #include "router_files.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include <hiredis/hiredis.h>
 #include <jansson.h>
@@ -216,11 +218,6 @@ const char router_api_list_script[] =
 
 /* ---- multipart -------------------------------------------------------------------------- */
 
-static const char *memmem_s(const char *h, size_t hl, const char *n, size_t nl)
-{
-    return memmem(h, hl, n, nl);
-}
-
 /* Value of parameter name in a header value like `form-data; name="x"; filename="y"`. */
 static bool header_param(const char *v, size_t vl, const char *name, const char **out,
                          size_t *out_len)
@@ -255,8 +252,90 @@ static bool header_param(const char *v, size_t vl, const char *name, const char 
     return false;
 }
 
-enum pw_err router_multipart_parse(const char *content_type, const char *body, size_t len,
-                                   struct router_multipart_part *parts, size_t cap, size_t *n_out)
+#define SCAN_WIN 65536u     /* bytes of a file body looked at at once */
+#define PART_HEAD_MAX 8192u /* a part's delimiter line and headers must fit in this */
+
+/* Reads up to n bytes at off of a body; *got fewer only at its end. */
+static enum pw_err src_read(const struct router_body_src *src, uint64_t off, char *buf, size_t n,
+                            size_t *got)
+{
+    *got = 0;
+    if (off >= src->len)
+        return PW_OK;
+    if (n > src->len - off)
+        n = (size_t)(src->len - off);
+    if (src->fd < 0) {
+        memcpy(buf, src->mem + off, n);
+        *got = n;
+        return PW_OK;
+    }
+    size_t have = 0;
+    while (have < n) {
+        ssize_t r = pread(src->fd, buf + have, n - have, (off_t)(off + have));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return PW_ERR_IO;
+        if (r == 0)
+            break;
+        have += (size_t)r;
+    }
+    *got = have;
+    return PW_OK;
+}
+
+struct scan {
+    const struct router_body_src *src;
+    char *buf; /* SCAN_WIN bytes for a file body; NULL for memory */
+};
+
+/* Bytes [off, off + n) of the body (n <= SCAN_WIN), clipped at its end: a pointer into the
+ * body in memory, or into sc->buf (valid until the next call). NULL on a read error. */
+static const char *scan_view(struct scan *sc, uint64_t off, size_t n, size_t *got)
+{
+    const struct router_body_src *src = sc->src;
+    *got = 0;
+    if (off >= src->len)
+        return "";
+    if (src->fd < 0) {
+        *got = n < src->len - off ? n : (size_t)(src->len - off);
+        return src->mem + off;
+    }
+    return src_read(src, off, sc->buf, n, got) == PW_OK ? sc->buf : NULL;
+}
+
+/* First needle at or after from. 1 found (*at), 0 absent, -1 read error. nl < SCAN_WIN / 2. */
+static int scan_find(struct scan *sc, uint64_t from, const char *needle, size_t nl, uint64_t *at)
+{
+    const struct router_body_src *src = sc->src;
+    if (src->fd < 0) {
+        if (from >= src->len)
+            return 0;
+        const char *f = memmem(src->mem + from, (size_t)(src->len - from), needle, nl);
+        if (!f)
+            return 0;
+        *at = (uint64_t)(f - src->mem);
+        return 1;
+    }
+    while (from < src->len) {
+        size_t got;
+        const char *v = scan_view(sc, from, SCAN_WIN, &got);
+        if (!v)
+            return -1;
+        const char *f = memmem(v, got, needle, nl);
+        if (f) {
+            *at = from + (uint64_t)(f - v);
+            return 1;
+        }
+        if (from + got >= src->len || got < nl)
+            return 0;
+        from += got - (nl - 1); /* a needle cut by the window's end is found next time */
+    }
+    return 0;
+}
+
+enum pw_err router_multipart_scan(const char *content_type, const struct router_body_src *src,
+                                  struct router_multipart_span *parts, size_t cap, size_t *n_out)
 {
     *n_out = 0;
     if (!content_type || strncasecmp(content_type, "multipart/form-data", 19) != 0)
@@ -272,60 +351,128 @@ enum pw_err router_multipart_parse(const char *content_type, const char *body, s
     delim[2] = delim[3] = '-';
     memcpy(delim + 4, b, bl);
     size_t dl = bl + 4;
+    struct scan sc = {src, NULL};
+    if (src->fd >= 0 && !(sc.buf = malloc(SCAN_WIN)))
+        return PW_ERR_NOMEM;
+    enum pw_err e = PW_ERR_PARSE;
+    size_t n = 0, got = 0;
+    uint64_t p = 0, at = 0;
     /* The first delimiter may start the body (no preceding CRLF). */
-    const char *p;
-    if (len >= dl - 2 && memcmp(body, delim + 2, dl - 2) == 0) {
-        p = body + dl - 2;
-    } else {
-        const char *f = memmem_s(body, len, delim, dl);
-        if (!f)
-            return PW_ERR_PARSE;
-        p = f + dl;
+    const char *v = scan_view(&sc, 0, dl - 2, &got);
+    if (!v) {
+        e = PW_ERR_IO;
+        goto out;
     }
-    const char *end = body + len;
-    size_t n = 0;
+    if (got == dl - 2 && memcmp(v, delim + 2, dl - 2) == 0) {
+        p = dl - 2;
+    } else {
+        int f = scan_find(&sc, 0, delim, dl, &at);
+        if (f <= 0) {
+            e = f < 0 ? PW_ERR_IO : PW_ERR_PARSE;
+            goto out;
+        }
+        p = at + dl;
+    }
     for (;;) {
-        if (end - p >= 2 && p[0] == '-' && p[1] == '-')
+        v = scan_view(&sc, p, PART_HEAD_MAX, &got);
+        if (!v) {
+            e = PW_ERR_IO;
+            goto out;
+        }
+        const char *q = v, *end = v + got;
+        if (end - q >= 2 && q[0] == '-' && q[1] == '-')
             break; /* close delimiter */
-        while (p < end && (*p == ' ' || *p == '\t'))
-            p++;
-        if (end - p < 2 || p[0] != '\r' || p[1] != '\n')
-            return PW_ERR_PARSE;
-        p += 2;
-        const char *hend = memmem_s(p, (size_t)(end - p), "\r\n\r\n", 4);
+        while (q < end && (*q == ' ' || *q == '\t'))
+            q++;
+        if (end - q < 2 || q[0] != '\r' || q[1] != '\n')
+            goto out;
+        q += 2;
+        const char *hend = memmem(q, (size_t)(end - q), "\r\n\r\n", 4);
         if (!hend)
-            return PW_ERR_PARSE;
-        struct router_multipart_part part = {0};
+            goto out;
+        struct router_multipart_span part = {0};
         bool have_disp = false;
-        for (const char *h = p; h < hend + 2;) {
-            const char *eol = memmem_s(h, (size_t)(hend + 2 - h), "\r\n", 2);
+        for (const char *h = q; h < hend + 2;) {
+            const char *eol = memmem(h, (size_t)(hend + 2 - h), "\r\n", 2);
             if (!eol)
                 break;
             size_t hl = (size_t)(eol - h);
             if (hl > 20 && strncasecmp(h, "content-disposition:", 20) == 0) {
+                const char *pv;
+                size_t pl;
                 have_disp = true;
-                if (!header_param(h + 20, hl - 20, "name", &part.name, &part.name_len))
-                    return PW_ERR_PARSE;
-                if (!header_param(h + 20, hl - 20, "filename", &part.filename, &part.filename_len))
-                    part.filename = NULL;
+                if (!header_param(h + 20, hl - 20, "name", &pv, &pl))
+                    goto out;
+                part.name_off = p + (uint64_t)(pv - v);
+                part.name_len = pl;
+                if (header_param(h + 20, hl - 20, "filename", &pv, &pl)) {
+                    part.has_filename = true;
+                    part.filename_off = p + (uint64_t)(pv - v);
+                    part.filename_len = pl;
+                }
             }
             h = eol + 2;
         }
         if (!have_disp)
-            return PW_ERR_PARSE;
-        const char *data = hend + 4;
-        const char *next = memmem_s(data, (size_t)(end - data), delim, dl);
-        if (!next)
-            return PW_ERR_PARSE;
-        part.data = data;
-        part.len = (size_t)(next - data);
-        if (n == cap)
-            return PW_ERR_TOOBIG;
+            goto out;
+        uint64_t data = p + (uint64_t)(hend + 4 - v);
+        int f = scan_find(&sc, data, delim, dl, &at);
+        if (f <= 0) {
+            e = f < 0 ? PW_ERR_IO : PW_ERR_PARSE;
+            goto out;
+        }
+        part.off = data;
+        part.len = at - data;
+        if (n == cap) {
+            e = PW_ERR_TOOBIG;
+            goto out;
+        }
         parts[n++] = part;
-        p = next + dl;
+        p = at + dl;
     }
     *n_out = n;
-    return PW_OK;
+    e = PW_OK;
+out:
+    free(sc.buf);
+    return e;
+}
+
+enum pw_err router_multipart_parse(const char *content_type, const char *body, size_t len,
+                                   struct router_multipart_part *parts, size_t cap, size_t *n_out)
+{
+    *n_out = 0;
+    struct router_multipart_span *spans = calloc(cap ? cap : 1, sizeof *spans);
+    if (!spans)
+        return PW_ERR_NOMEM;
+    struct router_body_src src = {body, -1, len};
+    size_t n = 0;
+    enum pw_err e = router_multipart_scan(content_type, &src, spans, cap, &n);
+    for (size_t i = 0; e == PW_OK && i < n; i++) {
+        parts[i].name = body + spans[i].name_off;
+        parts[i].name_len = (size_t)spans[i].name_len;
+        parts[i].filename = spans[i].has_filename ? body + spans[i].filename_off : NULL;
+        parts[i].filename_len = spans[i].has_filename ? (size_t)spans[i].filename_len : 0;
+        parts[i].data = body + spans[i].off;
+        parts[i].len = (size_t)spans[i].len;
+    }
+    if (e == PW_OK)
+        *n_out = n;
+    free(spans);
+    return e;
+}
+
+uint64_t router_files_spool_limit(const struct router_http_request *req, void *ud)
+{
+    const struct router *rt = ud;
+    if (strcmp(req->method, "POST") != 0 || req->path_len != 9 ||
+        memcmp(req->path, "/v1/files", 9) != 0)
+        return 0;
+    const char *ct = router_http_request_header(req, "content-type");
+    const char *auth = router_http_request_header(req, "authorization");
+    if (!ct || strncasecmp(ct, "multipart/form-data", 19) != 0 || !auth || !auth[0])
+        return 0;
+    size_t max = rt->cfg.max_file_bytes ? rt->cfg.max_file_bytes : ROUTER_FILES_DEFAULT_MAX_BYTES;
+    return (uint64_t)max + ROUTER_FILES_MULTIPART_SLACK;
 }
 
 /* ---- JSON ------------------------------------------------------------------------------- */
@@ -414,26 +561,132 @@ static bool ascii_printable(const char *s, size_t n)
     return true;
 }
 
+/* The bytes of a span into buf (cap > len); false when longer than cap - 1 or unreadable. */
+static bool span_str(const struct router_body_src *src, uint64_t off, uint64_t len, char *buf,
+                     size_t cap)
+{
+    size_t got = 0;
+    if (len >= cap || src_read(src, off, buf, (size_t)len, &got) != PW_OK || got != len)
+        return false;
+    buf[got] = '\0';
+    return true;
+}
+
+/* What the upload of a batch file checks while copying (every line is validated when a
+ * batch is created): some non-blank content, starting with '{', and no NUL byte. */
+struct jsonl_check {
+    bool seen; /* a non-blank byte was seen */
+    bool bad;  /* first non-blank byte is not '{', or a NUL */
+};
+
+static void jsonl_check_feed(struct jsonl_check *jc, const char *p, size_t n)
+{
+    if (memchr(p, '\0', n))
+        jc->bad = true;
+    for (size_t i = 0; i < n && !jc->seen; i++) {
+        if (p[i] && strchr(" \t\r\n", p[i]))
+            continue;
+        jc->seen = true;
+        jc->bad |= p[i] != '{';
+    }
+}
+
+/*
+ * Copies the file part into storage under op->id in ROUTER_FILES_COPY_CHUNK pieces (never
+ * the whole part in memory); for purpose batch checks it on the way. Answers errors itself
+ * and returns false; true when committed.
+ */
+static bool store_part(struct router_api_op *op, const struct router_body_src *src,
+                       const struct router_multipart_span *file, bool batch)
+{
+    struct pw_storage_writer *wr = NULL;
+    struct jsonl_check jc = {0};
+    char *buf = NULL;
+    enum pw_err pe = pw_storage_writer_open(op->w->rt->storage, op->id, &wr);
+    if (!pe && src->fd >= 0 && !(buf = malloc(ROUTER_FILES_COPY_CHUNK)))
+        pe = PW_ERR_NOMEM;
+    for (uint64_t at = 0; !pe && at < file->len;) {
+        size_t want = file->len - at < ROUTER_FILES_COPY_CHUNK ? (size_t)(file->len - at)
+                                                               : ROUTER_FILES_COPY_CHUNK;
+        const char *p = src->mem + file->off + at;
+        size_t got = want;
+        if (src->fd >= 0) {
+            pe = src_read(src, file->off + at, buf, want, &got);
+            p = buf;
+            if (!pe && got != want)
+                pe = PW_ERR_IO; /* the spool file is shorter than it said */
+        }
+        if (!pe && batch)
+            jsonl_check_feed(&jc, p, got);
+        if (!pe)
+            pe = pw_storage_write(wr, p, got);
+        at += got;
+    }
+    free(buf);
+    if (pe) {
+        pw_storage_abort(wr);
+        PW_LOG_ERROR("event=file_store_failed file=%s err=%s", op->id, pw_err_name(pe));
+        router_api_respond_error(op, 500, NULL, NULL, "Cannot store the file: %s.",
+                                 pw_err_desc(pe));
+        return false;
+    }
+    if (batch && !jc.seen) {
+        pw_storage_abort(wr);
+        router_api_respond_error(op, 400, "empty_file", "file",
+                                 "The file is empty: a batch input file needs at least one "
+                                 "request line.");
+        return false;
+    }
+    if (batch && jc.bad) {
+        pw_storage_abort(wr);
+        router_api_respond_error(op, 400, "invalid_file_format", "file",
+                                 "The file is not JSONL: every line of a batch input file "
+                                 "must be one JSON object.");
+        return false;
+    }
+    if ((pe = pw_storage_commit(wr))) {
+        PW_LOG_ERROR("event=file_store_failed file=%s err=%s", op->id, pw_err_name(pe));
+        router_api_respond_error(op, 500, NULL, NULL, "Cannot store the file: %s.",
+                                 pw_err_desc(pe));
+        return false;
+    }
+    return true;
+}
+
 static void file_upload(struct router_api_op *op)
 {
     struct router_http_request *req = op->req;
     struct router *rt = op->w->rt;
-    struct router_multipart_part parts[ROUTER_FILES_MULTIPART_PARTS];
+    /* A spooled body (the usual case, router_files_spool_limit) is read from its file. */
+    struct router_body_src src = {req->body, -1, req->body_len};
+    if (req->body_spooled) {
+        src.mem = NULL;
+        src.fd = req->body_fd;
+        src.len = req->body_fd_len;
+    }
+    struct router_multipart_span parts[ROUTER_FILES_MULTIPART_PARTS];
     size_t n = 0;
-    enum pw_err pe =
-        router_multipart_parse(router_http_request_header(req, "content-type"), req->body,
-                               req->body_len, parts, ROUTER_FILES_MULTIPART_PARTS, &n);
+    enum pw_err pe = router_multipart_scan(router_http_request_header(req, "content-type"), &src,
+                                           parts, ROUTER_FILES_MULTIPART_PARTS, &n);
+    if (pe == PW_ERR_IO || pe == PW_ERR_NOMEM) {
+        router_api_respond_error(op, 500, NULL, NULL, "Cannot read the upload: %s.",
+                                 pw_err_desc(pe));
+        return;
+    }
     if (pe) {
         router_api_respond_error(op, 400, "invalid_request", NULL,
                                  "Expected a multipart/form-data body with fields 'purpose' and "
                                  "'file'.");
         return;
     }
-    const struct router_multipart_part *file = NULL, *purpose = NULL;
+    const struct router_multipart_span *file = NULL, *purpose = NULL;
     for (size_t i = 0; i < n; i++) {
-        if (parts[i].name_len == 4 && memcmp(parts[i].name, "file", 4) == 0)
+        char name[8];
+        if (!span_str(&src, parts[i].name_off, parts[i].name_len, name, sizeof name))
+            continue;
+        if (strcmp(name, "file") == 0)
             file = &parts[i];
-        else if (parts[i].name_len == 7 && memcmp(parts[i].name, "purpose", 7) == 0)
+        else if (strcmp(name, "purpose") == 0)
             purpose = &parts[i];
     }
     if (!purpose) {
@@ -449,10 +702,11 @@ static void file_upload(struct router_api_op *op)
     static const char *const purposes[] = {"batch",  "fine-tune", "assistants",
                                            "vision", "user_data", "evals"};
     const char *pv = NULL;
-    for (size_t i = 0; i < sizeof purposes / sizeof purposes[0]; i++)
-        if (purpose->len == strlen(purposes[i]) &&
-            memcmp(purpose->data, purposes[i], purpose->len) == 0)
-            pv = purposes[i];
+    char pbuf[16];
+    if (span_str(&src, purpose->off, purpose->len, pbuf, sizeof pbuf))
+        for (size_t i = 0; i < sizeof purposes / sizeof purposes[0]; i++)
+            if (strcmp(pbuf, purposes[i]) == 0)
+                pv = purposes[i];
     if (!pv) {
         router_api_respond_error(op, 400, "invalid_value", "purpose",
                                  "Invalid value for 'purpose': supported values are 'batch', "
@@ -462,36 +716,16 @@ static void file_upload(struct router_api_op *op)
     size_t max = rt->cfg.max_file_bytes ? rt->cfg.max_file_bytes : ROUTER_FILES_DEFAULT_MAX_BYTES;
     if (file->len > max) {
         router_api_respond_error(op, 413, "file_too_large", "file",
-                                 "File is too large: %zu bytes; the limit is %zu bytes.", file->len,
-                                 max);
+                                 "File is too large: %llu bytes; the limit is %zu bytes.",
+                                 (unsigned long long)file->len, max);
         return;
     }
-    if (strcmp(pv, "batch") == 0) {
-        /* Every line is validated when a batch is created; the whole file is checked here
-         * for what no batch could use. */
-        size_t ws = 0;
-        while (ws < file->len && strchr(" \t\r\n", file->data[ws]))
-            ws++;
-        if (ws == file->len) {
-            router_api_respond_error(op, 400, "empty_file", "file",
-                                     "The file is empty: a batch input file needs at least one "
-                                     "request line.");
-            return;
-        }
-        if (memchr(file->data, '\0', file->len) || file->data[ws] != '{') {
-            router_api_respond_error(op, 400, "invalid_file_format", "file",
-                                     "The file is not JSONL: every line of a batch input file "
-                                     "must be one JSON object.");
-            return;
-        }
-    }
     char fname[ROUTER_FILES_FILENAME_MAX + 1] = "upload";
-    if (file->filename && file->filename_len > 0 &&
-        file->filename_len <= ROUTER_FILES_FILENAME_MAX &&
-        ascii_printable(file->filename, file->filename_len)) {
-        memcpy(fname, file->filename, file->filename_len);
-        fname[file->filename_len] = '\0';
-    }
+    char fbuf[ROUTER_FILES_FILENAME_MAX + 1];
+    if (file->has_filename && file->filename_len > 0 &&
+        span_str(&src, file->filename_off, file->filename_len, fbuf, sizeof fbuf) &&
+        ascii_printable(fbuf, (size_t)file->filename_len))
+        memcpy(fname, fbuf, (size_t)file->filename_len + 1);
     uint8_t rnd[12];
     if (getrandom(rnd, sizeof rnd, 0) != sizeof rnd) {
         uint64_t t = pw_clock_mono_ns();
@@ -501,25 +735,21 @@ static void file_upload(struct router_api_op *op)
     char hex[sizeof rnd * 2 + 1];
     pw_hex_encode(rnd, sizeof rnd, hex);
     snprintf(op->id, sizeof op->id, "file-%s", hex);
-    if ((pe = pw_storage_put(rt->storage, op->id, file->data, file->len))) {
-        PW_LOG_ERROR("event=file_store_failed file=%s err=%s", op->id, pw_err_name(pe));
-        router_api_respond_error(op, 500, NULL, NULL, "Cannot store the file: %s.",
-                                 pw_err_desc(pe));
+    if (!store_part(op, &src, file, strcmp(pv, "batch") == 0))
         return;
-    }
     char key[PW_KEY_MAX], zkey[PW_KEY_MAX], bytes[24], created[24], score[24];
     pw_key_file(key, sizeof key, op->id);
     router_key_tenant_files(zkey, sizeof zkey, op->tenant);
     int64_t now_ms = pw_clock_wall_ms();
-    snprintf(bytes, sizeof bytes, "%zu", file->len);
+    snprintf(bytes, sizeof bytes, "%llu", (unsigned long long)file->len);
     snprintf(created, sizeof created, "%" PRId64, now_ms / 1000);
     snprintf(score, sizeof score, "%" PRId64, now_ms);
     const char *argv[] = {"EVAL", save_script,  "2",        key,          zkey,   score,
                           op->id, "id",         op->id,     "object",     "file", "bytes",
                           bytes,  "created_at", created,    "filename",   fname,  "purpose",
                           pv,     "tenant",     op->tenant, "storage_id", op->id};
-    PW_LOG_INFO("event=file_uploaded file=%s bytes=%zu purpose=%s key_id=%s", op->id, file->len, pv,
-                op->key_id);
+    PW_LOG_INFO("event=file_uploaded file=%s bytes=%llu purpose=%s spooled=%d key_id=%s", op->id,
+                (unsigned long long)file->len, pv, req->body_spooled, op->key_id);
     router_api_command(op, on_file_saved, (int)(sizeof argv / sizeof argv[0]), argv, NULL);
 }
 
@@ -627,6 +857,111 @@ static void on_file_deleted(struct pw_redis *r, const redisReply *reply, enum pw
     router_api_op_unref(op);
 }
 
+/* ---- download: streamed from storage at the pace the client reads ----------------------- */
+
+#define DL_CHUNK 65536u       /* bytes read from storage and queued at a time */
+#define DL_HIGH (256u * 1024) /* queue more only while less than this is unsent */
+
+/* A download in progress; holds the op's HTTP-side reference until the terminal call. */
+struct file_dl {
+    struct router_api_op *op;
+    struct pw_storage_reader *rd;
+    char *buf;     /* DL_CHUNK bytes */
+    uint64_t left; /* bytes still to send (the announced Content-Length) */
+};
+
+static void dl_free(struct file_dl *d)
+{
+    pw_storage_reader_close(d->rd);
+    free(d->buf);
+    free(d);
+}
+
+/* Terminal: the stream's end (ok) or a cut stream (a read error half-way). */
+static void dl_finish(struct file_dl *d, bool ok)
+{
+    struct router_http_request *req = d->op->req;
+    router_http_request_set_cancel(req, NULL, NULL);
+    router_http_stream_set_drain(req, NULL, NULL);
+    if (ok)
+        router_http_stream_end(req);
+    else
+        router_http_request_release(req);
+    op_end(d->op);
+    dl_free(d);
+}
+
+static void dl_gone(struct router_http_request *req, void *ud)
+{
+    struct file_dl *d = ud;
+    router_http_stream_set_drain(req, NULL, NULL);
+    router_http_request_release(req);
+    op_end(d->op);
+    dl_free(d);
+}
+
+/* Queues chunks while the connection keeps up; runs again from the drain callback. */
+static void dl_pump(struct router_http_request *req, void *ud)
+{
+    struct file_dl *d = ud;
+    while (router_http_stream_pending(req) < DL_HIGH) {
+        if (d->left == 0) {
+            dl_finish(d, true);
+            return;
+        }
+        size_t n = 0;
+        size_t want = d->left < DL_CHUNK ? (size_t)d->left : DL_CHUNK;
+        enum pw_err pe = pw_storage_read(d->rd, d->buf, want, &n);
+        if (!pe && n == 0)
+            pe = PW_ERR_IO; /* shorter than it was at open */
+        if (pe) {
+            PW_LOG_ERROR("event=file_read_failed file=%s err=%s", d->op->id, pw_err_name(pe));
+            dl_finish(d, false); /* a cut body: Content-Length was promised */
+            return;
+        }
+        d->left -= n;
+        pe = router_http_stream_write(req, d->buf, n);
+        if (pe == PW_ERR_CLOSED)
+            return; /* dropped: dl_gone follows from the event loop */
+        if (pe) {
+            dl_finish(d, false);
+            return;
+        }
+    }
+}
+
+static void file_download(struct router_api_op *op, const char *sid, bool jsonl)
+{
+    struct file_dl *d = calloc(1, sizeof *d);
+    enum pw_err pe = d && (d->buf = malloc(DL_CHUNK)) ? PW_OK : PW_ERR_NOMEM;
+    uint64_t size = 0;
+    if (!pe)
+        pe = pw_storage_reader_open(op->w->rt->storage, sid, &size, &d->rd);
+    if (pe) {
+        if (d)
+            dl_free(d);
+        if (pe == PW_ERR_NOTFOUND)
+            router_api_respond_error(op, 404, NULL, "id", "The content of file '%s' is gone.",
+                                     op->id);
+        else
+            router_api_respond_error(op, 500, NULL, NULL, "Cannot read the file: %s.",
+                                     pw_err_desc(pe));
+        return;
+    }
+    d->op = op;
+    d->left = strcmp(op->req->method, "HEAD") == 0 ? 0 : size;
+    struct router_http_field hdr[] = {
+        {"content-type", jsonl ? "application/jsonl" : "application/octet-stream"}};
+    /* The length is the opened object's: the reader keeps seeing it even if replaced. */
+    if (router_http_stream_begin_length(op->req, 200, hdr, 1, size) != PW_OK) {
+        dl_finish(d, false);
+        return;
+    }
+    router_http_request_set_cancel(op->req, dl_gone, d);
+    router_http_stream_set_drain(op->req, dl_pump, d);
+    dl_pump(op->req, d);
+}
+
 static void on_file_meta(struct pw_redis *r, const redisReply *reply, enum pw_err err,
                          const char *errstr, void *ud)
 {
@@ -649,28 +984,10 @@ static void on_file_meta(struct pw_redis *r, const redisReply *reply, enum pw_er
             router_api_respond_error(op, 500, NULL, NULL, "internal error");
         free(body);
     } else if (op->step == STEP_CONTENT) {
-        char *data = NULL;
-        size_t len = 0;
-        size_t max = op->w->rt->cfg.max_file_bytes ? op->w->rt->cfg.max_file_bytes
-                                                   : ROUTER_FILES_DEFAULT_MAX_BYTES;
-        enum pw_err pe = pw_storage_get(op->w->rt->storage, sid, max, &data, &len);
-        if (pe == PW_OK) {
-            const char *purpose = router_api_field(e, "purpose");
-            bool jsonl =
-                purpose && (strcmp(purpose, "batch") == 0 || strncmp(purpose, "batch_", 6) == 0);
-            struct router_http_field hdr[] = {
-                {"content-type", jsonl ? "application/jsonl" : "application/octet-stream"}};
-            router_http_request_set_cancel(op->req, NULL, NULL);
-            router_http_respond(op->req, 200, hdr, 1, data, len);
-            op_end(op);
-        } else if (pe == PW_ERR_NOTFOUND) {
-            router_api_respond_error(op, 404, NULL, "id", "The content of file '%s' is gone.",
-                                     op->id);
-        } else {
-            router_api_respond_error(op, 500, NULL, NULL, "Cannot read the file: %s.",
-                                     pw_err_desc(pe));
-        }
-        free(data);
+        const char *purpose = router_api_field(e, "purpose");
+        file_download(op, sid,
+                      purpose &&
+                          (strcmp(purpose, "batch") == 0 || strncmp(purpose, "batch_", 6) == 0));
     } else {
         free(op->scratch);
         op->scratch = strdup(sid);

@@ -13,6 +13,11 @@
  * tenant); pw:files:{tenant} is a sorted set (score: creation time in ms) for listing.
  * Bytes go to the router's pw_storage. Runs on the request's worker thread; storage calls
  * block briefly (local disk). docs/internals/batch.md has the design.
+ *
+ * Uploads: the HTTP layer spools a POST /v1/files body to an unlinked disk file as it
+ * arrives (router_files_spool_limit is the router_http_spool predicate), so no upload is ever
+ * held in memory; the multipart body is then scanned by offsets (router_multipart_scan) and
+ * the file part copied into storage in ROUTER_FILES_COPY_CHUNK pieces.
  */
 #ifndef ROUTER_FILES_H
 #define ROUTER_FILES_H
@@ -31,6 +36,9 @@
 #define ROUTER_FILES_LIST_MAX 10000                           /* objects per list page */
 #define ROUTER_FILES_FILENAME_MAX 255                         /* bytes of a file name */
 #define ROUTER_FILES_MULTIPART_PARTS 16                       /* parts accepted in an upload */
+/* Body bytes allowed beyond max_file_bytes in an upload: the other parts and the framing. */
+#define ROUTER_FILES_MULTIPART_SLACK (1u << 20)
+#define ROUTER_FILES_COPY_CHUNK (256u * 1024u) /* bytes per read/write when storing a part */
 
 /* ---- keys ------------------------------------------------------------------------------ */
 
@@ -123,6 +131,38 @@ struct router_multipart_part {
  */
 enum pw_err router_multipart_parse(const char *content_type, const char *body, size_t len,
                                    struct router_multipart_part *parts, size_t cap, size_t *n_out);
+
+/* Where a body lives: in memory (fd < 0: mem, len bytes) or in a file read with pread(2)
+ * (fd >= 0: bytes 0..len). Both borrowed. */
+struct router_body_src {
+    const char *mem;
+    int fd;
+    uint64_t len;
+};
+
+/* A part of a multipart body as offsets into the body (works for spooled bodies). */
+struct router_multipart_span {
+    uint64_t name_off, name_len;         /* form field name */
+    bool has_filename;                   /* a filename parameter was given */
+    uint64_t filename_off, filename_len; /* when has_filename */
+    uint64_t off, len;                   /* the part's data */
+};
+
+/*
+ * router_multipart_parse for a body in memory or in a file: reads a file body through one
+ * 64 KiB window (part headers must fit in 8 KiB), so memory stays bounded whatever the
+ * body's size. Same returns, plus PW_ERR_IO (read error) and PW_ERR_NOMEM.
+ */
+enum pw_err router_multipart_scan(const char *content_type, const struct router_body_src *src,
+                                  struct router_multipart_span *parts, size_t cap, size_t *n_out);
+
+/*
+ * The router_http_spool predicate of the router (ud: struct router *): POST /v1/files with a
+ * multipart/form-data body and an Authorization header is spooled to disk with a limit of
+ * max_file_bytes + ROUTER_FILES_MULTIPART_SLACK; anything else returns 0 (memory, and the
+ * usual max_body_bytes, so an unauthenticated client cannot make the router write 200 MB).
+ */
+uint64_t router_files_spool_limit(const struct router_http_request *req, void *ud);
 
 /* ---- JSON ------------------------------------------------------------------------------- */
 

@@ -21,6 +21,8 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -34,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -59,6 +62,7 @@
 #define LINGER_MS 1000u          /* lingering close: read and discard this long at most */
 #define LINGER_MAX_BYTES 1048576 /* ... or this many bytes */
 #define HEAD_SLACK 4096u         /* raw head bytes tolerated beyond max_header_bytes */
+#define SPOOL_BUF 65536u         /* spooled body bytes gathered before one write(2) */
 
 struct arena_blk {
     struct arena_blk *next;
@@ -100,9 +104,13 @@ struct router_req {
     bool keep_alive;                /* llhttp_should_keep_alive at headers complete */
     bool is_head;                   /* HEAD: no response body */
     bool chunked_out;               /* streaming with chunked encoding (HTTP/1.1) */
+    bool fixed_out;                 /* streaming a body of announced length (out_left) */
+    uint64_t out_left;              /* fixed_out: body bytes still to come */
     enum resp_state resp;
     router_http_cancel_fn cancel; /* set by the handler; called at most once */
     void *cancel_ud;
+    router_http_drain_fn drain; /* set by a streaming handler: output all written */
+    void *drain_ud;
     /* parse scratch, heap (realloc while parsing, stable after dispatch; freed with req) */
     char *head; /* url\0 name\0 value\0 ... */
     size_t head_len, head_cap;
@@ -114,6 +122,13 @@ struct router_req {
     size_t trailer_bytes; /* chunked trailers are counted, not kept */
     char *body;
     size_t body_len, body_cap;
+    bool view_built; /* pub's method/path/headers/remote_addr are set (build_view) */
+    /* spooled body (router_http_spool): bytes go to spool_fd, gathered in spool_buf */
+    int spool_fd;         /* -1: the body is in memory */
+    uint64_t spool_limit; /* the predicate's limit, bytes */
+    uint64_t spool_len;   /* body bytes received so far */
+    char *spool_buf;      /* SPOOL_BUF bytes while reading the body; freed at the end */
+    size_t spool_buf_len;
 };
 
 enum conn_state {
@@ -181,7 +196,7 @@ struct worker {
 
 struct router_http_server {
     struct router_http_config cfg; /* strings below are our copies */
-    char *host, *cert, *key;
+    char *host, *cert, *key, *spool_dir;
     router_http_handler_fn handler;
     void *handler_ud;
     SSL_CTX *ssl_ctx; /* NULL: plain TCP */
@@ -265,6 +280,8 @@ const char *router_http_status_reason(int status)
         return "Gateway Timeout";
     case 505:
         return "HTTP Version Not Supported";
+    case 507:
+        return "Insufficient Storage";
     default:
         return "Unknown";
     }
@@ -451,6 +468,8 @@ static struct router_req *req_new(struct worker *w)
     r->pub.worker = w->idx;
     r->pub.query = "";
     r->pub.body = "";
+    r->pub.body_fd = -1;
+    r->spool_fd = -1;
     r->pub.start_ns = pw_clock_mono_ns();
     return r;
 }
@@ -462,6 +481,9 @@ static void req_free(struct router_req *r)
     free(r->head);
     free(r->hdrs);
     free(r->body);
+    free(r->spool_buf);
+    if (r->spool_fd >= 0)
+        close(r->spool_fd); /* unlinked: the last close frees its blocks */
     /* r lives in one of these blocks: read the list head first. */
     struct arena_blk *b = r->arena.list;
     while (b) {
@@ -680,6 +702,130 @@ static void conn_closing_flushed(struct conn *c)
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* The handler's view of a request                                                          */
+/* ---------------------------------------------------------------------------------------- */
+
+/* Sets method, target, path, query, headers and remote_addr of the public request from the
+ * parse scratch. The head buffer no longer moves once the headers are complete (trailers are
+ * counted, not kept), so this can run at headers-complete time for the spool predicate as
+ * well as at dispatch. False on out of memory. */
+static bool build_view(struct conn *c)
+{
+    struct router_req *r = c->req;
+    struct router_http_request *q = &r->pub;
+    if (r->view_built)
+        return true;
+    q->method = llhttp_method_name((llhttp_method_t)llhttp_get_method(&c->parser));
+    q->target = r->head;
+    q->target_len = r->url_len;
+    const char *qm = memchr(r->head, '?', r->url_len);
+    size_t plen = qm ? (size_t)(qm - r->head) : r->url_len;
+    q->path = arena_strndup(&r->arena, r->head, plen);
+    q->path_len = q->path ? plen : 0;
+    if (qm) {
+        q->query = qm + 1;
+        q->query_len = r->url_len - plen - 1;
+    }
+    struct router_http_header *hs = NULL;
+    if (r->n_hdrs) {
+        hs = arena_alloc(&r->arena, r->n_hdrs * sizeof *hs);
+        if (hs) {
+            for (size_t i = 0; i < r->n_hdrs; i++) {
+                hs[i].name = r->head + r->hdrs[i].name_off;
+                hs[i].name_len = r->hdrs[i].name_len;
+                hs[i].value = r->head + r->hdrs[i].val_off;
+                hs[i].value_len = r->hdrs[i].val_len;
+            }
+        }
+    }
+    q->remote_addr = arena_strndup(&r->arena, c->remote, strlen(c->remote));
+    if (!q->path || (r->n_hdrs && !hs) || !q->remote_addr)
+        return false;
+    q->headers = hs;
+    q->n_headers = r->n_hdrs;
+    r->view_built = true;
+    return true;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Spooled bodies                                                                           */
+/* ---------------------------------------------------------------------------------------- */
+
+/*
+ * A spool file is unlinked from birth (O_TMPFILE, or mkstemp + unlink where the filesystem
+ * lacks it), so it disappears with its last descriptor on every path: request done, client
+ * gone, error, even a crash of the process. Writes are plain blocking write(2)s on the event
+ * loop, SPOOL_BUF bytes at a time: local disk, page cache first. That is also the
+ * back-pressure: while a write runs the loop reads nothing more from any socket, and a
+ * connection's input buffer is capped at READ_HIGH_WATER.
+ */
+static int spool_open(const char *dir)
+{
+    int fd = -1;
+#ifdef O_TMPFILE
+    fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0 || (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL))
+        return fd;
+#endif
+    char path[PATH_MAX];
+    int n = snprintf(path, sizeof path, "%s/.pw-spool-XXXXXX", dir);
+    if (n < 0 || (size_t)n >= sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    fd = mkostemp(path, O_CLOEXEC);
+    if (fd >= 0)
+        unlink(path);
+    return fd;
+}
+
+static int spool_fail(struct conn *c, int e);
+
+static bool write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            if (w == 0)
+                errno = EIO;
+            return false;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+static int spool_flush(struct conn *c)
+{
+    struct router_req *r = c->req;
+    if (r->spool_buf_len && !write_all(r->spool_fd, r->spool_buf, r->spool_buf_len))
+        return spool_fail(c, errno);
+    r->spool_buf_len = 0;
+    return 0;
+}
+
+static int spool_append(struct conn *c, const char *at, size_t len)
+{
+    struct router_req *r = c->req;
+    if (len > r->spool_limit || r->spool_len > r->spool_limit - len)
+        return -2; /* over the limit: the caller answers 413 */
+    r->spool_len += len;
+    if (r->spool_buf_len + len > SPOOL_BUF && spool_flush(c))
+        return -1;
+    if (len >= SPOOL_BUF) {
+        if (!write_all(r->spool_fd, at, len))
+            return spool_fail(c, errno);
+        return 0;
+    }
+    memcpy(r->spool_buf + r->spool_buf_len, at, len);
+    r->spool_buf_len += len;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* llhttp callbacks: record, never free                                                     */
 /* ---------------------------------------------------------------------------------------- */
 
@@ -691,6 +837,15 @@ static int parse_fail(struct conn *c, int status, const char *code, const char *
         c->err_msg = msg;
     }
     return -1;
+}
+
+static int spool_fail(struct conn *c, int e)
+{
+    PW_LOG_WARN("event=http_spool_failed request_id=%s remote=%s error=\"%s\"",
+                c->req->pub.request_id ? c->req->pub.request_id : "-", c->remote, strerror(e));
+    if (e == ENOSPC || e == EDQUOT)
+        return parse_fail(c, 507, "insufficient_storage", "no space to store the request body");
+    return parse_fail(c, 500, "spool_failed", "cannot store the request body");
 }
 
 static int head_append(struct conn *c, const char *at, size_t len)
@@ -901,16 +1056,36 @@ static int on_headers_complete(llhttp_t *p)
 
     bool chunked = (p->flags & F_CHUNKED) != 0;
     bool has_len = (p->flags & F_CONTENT_LENGTH) != 0;
-    if (has_len && p->content_length > cfg->max_body_bytes)
+    bool has_body = chunked || (has_len && p->content_length > 0);
+    const struct router_http_spool *sp = &cfg->body_spool;
+    if (has_body && sp->fn) {
+        /* The route decides, from the headers alone, before any body byte is read. */
+        if (!build_view(c))
+            return parse_fail(c, 503, "server_overloaded", "out of memory");
+        uint64_t lim = sp->fn(&r->pub, sp->ud);
+        if (lim > ROUTER_HTTP_SPOOL_MAX_BYTES)
+            lim = ROUTER_HTTP_SPOOL_MAX_BYTES;
+        if (lim > 0) {
+            if (has_len && p->content_length > lim)
+                return parse_fail(c, 413, "request_too_large", "request body is too large");
+            r->spool_fd = spool_open(c->w->srv->spool_dir);
+            if (r->spool_fd < 0)
+                return spool_fail(c, errno);
+            r->spool_buf = malloc(SPOOL_BUF);
+            if (!r->spool_buf)
+                return parse_fail(c, 503, "server_overloaded", "out of memory");
+            r->spool_limit = lim;
+        }
+    }
+    if (r->spool_fd < 0 && has_len && p->content_length > cfg->max_body_bytes)
         return parse_fail(c, 413, "request_too_large", "request body is too large");
-    if (has_len && p->content_length > 0) {
+    if (r->spool_fd < 0 && has_len && p->content_length > 0) {
         size_t need = (size_t)p->content_length + 1;
         r->body = malloc(need);
         if (!r->body)
             return parse_fail(c, 503, "server_overloaded", "out of memory");
         r->body_cap = need;
     }
-    bool has_body = chunked || (has_len && p->content_length > 0);
     if (expect && has_body && r->pub.version_minor >= 1)
         out_str(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n");
     if (has_body)
@@ -922,6 +1097,12 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 {
     struct conn *c = p->data;
     struct router_req *r = c->req;
+    if (r->spool_fd >= 0) {
+        int rc = spool_append(c, at, len);
+        if (rc == -2)
+            return parse_fail(c, 413, "request_too_large", "request body is too large");
+        return rc;
+    }
     size_t max = c->w->srv->cfg.max_body_bytes;
     if (len > max || r->body_len > max - len)
         return parse_fail(c, 413, "request_too_large", "request body is too large");
@@ -935,6 +1116,15 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
 static int on_message_complete(llhttp_t *p)
 {
     struct conn *c = p->data;
+    struct router_req *r = c->req;
+    if (r->spool_fd >= 0) {
+        if (spool_flush(c))
+            return -1;
+        free(r->spool_buf);
+        r->spool_buf = NULL;
+        PW_LOG_DEBUG("event=http_body_spooled request_id=%s bytes=%llu", r->pub.request_id,
+                     (unsigned long long)r->spool_len);
+    }
     c->req->complete = true;
     /* Stop here: the next pipelined request is parsed only after this response. */
     return HPE_PAUSED;
@@ -962,37 +1152,15 @@ static void dispatch(struct conn *c)
 {
     struct router_req *r = c->req;
     struct router_http_request *q = &r->pub;
-    q->method = llhttp_method_name((llhttp_method_t)llhttp_get_method(&c->parser));
-    q->target = r->head;
-    q->target_len = r->url_len;
-    const char *qm = memchr(r->head, '?', r->url_len);
-    size_t plen = qm ? (size_t)(qm - r->head) : r->url_len;
-    q->path = arena_strndup(&r->arena, r->head, plen);
-    q->path_len = q->path ? plen : 0;
-    if (qm) {
-        q->query = qm + 1;
-        q->query_len = r->url_len - plen - 1;
-    }
-    struct router_http_header *hs = NULL;
-    if (r->n_hdrs) {
-        hs = arena_alloc(&r->arena, r->n_hdrs * sizeof *hs);
-        if (hs) {
-            for (size_t i = 0; i < r->n_hdrs; i++) {
-                hs[i].name = r->head + r->hdrs[i].name_off;
-                hs[i].name_len = r->hdrs[i].name_len;
-                hs[i].value = r->head + r->hdrs[i].val_off;
-                hs[i].value_len = r->hdrs[i].val_len;
-            }
-        }
-    }
-    q->remote_addr = arena_strndup(&r->arena, c->remote, strlen(c->remote));
-    if (!q->path || (r->n_hdrs && !hs) || !q->remote_addr) {
+    if (!build_view(c)) {
         conn_fail(c, 503, "server_overloaded", "out of memory");
         return;
     }
-    q->headers = hs;
-    q->n_headers = r->n_hdrs;
-    if (r->body) {
+    if (r->spool_fd >= 0) {
+        q->body_spooled = true;
+        q->body_fd = r->spool_fd;
+        q->body_fd_len = r->spool_len;
+    } else if (r->body) {
         r->body[r->body_len] = '\0';
         q->body = r->body;
         q->body_len = r->body_len;
@@ -1176,6 +1344,10 @@ static void write_cb(struct bufferevent *bev, void *arg)
     struct conn *c = arg;
     if (!c->dead && c->state == C_CLOSING && out_len(c) == 0)
         conn_closing_flushed(c);
+    struct router_req *r = c->req;
+    if (!c->dead && c->state == C_HANDLER && r && r->drain && r->handler_holds &&
+        r->resp == RESP_STREAMING && out_len(c) == 0)
+        r->drain(&r->pub, r->drain_ud); /* may write more or make the terminal call */
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
@@ -1351,6 +1523,7 @@ static void handler_done(struct router_req *r)
     PW_ASSERT(r->handler_holds);
     r->handler_holds = false;
     r->cancel = NULL;
+    r->drain = NULL;
     if (!r->conn_holds)
         req_free(r);
     else
@@ -1468,6 +1641,28 @@ enum pw_err router_http_stream_begin(struct router_http_request *req, int status
     return PW_OK;
 }
 
+enum pw_err router_http_stream_begin_length(struct router_http_request *req, int status,
+                                            const struct router_http_field *headers,
+                                            size_t n_headers, uint64_t length)
+{
+    struct router_req *r = req_of(req);
+    PW_ASSERT(r->handler_holds);
+    if (!req_alive(r))
+        return PW_ERR_CLOSED;
+    if (r->resp != RESP_NONE || status < 200 || status > 599 || !status_has_body(status) ||
+        !fields_valid(headers, n_headers) || length > SIZE_MAX)
+        return PW_ERR_INVAL;
+    struct conn *c = r->conn;
+    bool keep = r->keep_alive && !c->upgraded && !c->w->draining;
+    r->keep_alive = keep;
+    write_head(c, status, r->pub.request_id, headers, n_headers, FRAME_LENGTH, (size_t)length,
+               keep);
+    r->fixed_out = true;
+    r->out_left = r->is_head ? 0 : length;
+    r->resp = RESP_STREAMING;
+    return PW_OK;
+}
+
 enum pw_err router_http_stream_write(struct router_http_request *req, const void *data, size_t len)
 {
     struct router_req *r = req_of(req);
@@ -1478,6 +1673,10 @@ enum pw_err router_http_stream_write(struct router_http_request *req, const void
         return PW_ERR_INVAL;
     if (len == 0 || r->is_head)
         return PW_OK;
+    if (r->fixed_out && len > r->out_left)
+        return PW_ERR_INVAL; /* more than announced: refused, nothing queued */
+    if (r->fixed_out)
+        r->out_left -= len;
     struct conn *c = r->conn;
     if (out_len(c) + len > c->w->srv->cfg.max_output_bytes) {
         PW_LOG_INFO("event=http_slow_reader request_id=%s remote=%s pending=%zu", r->pub.request_id,
@@ -1498,6 +1697,14 @@ enum pw_err router_http_stream_write(struct router_http_request *req, const void
     return PW_OK;
 }
 
+void router_http_stream_set_drain(struct router_http_request *req, router_http_drain_fn fn,
+                                  void *ud)
+{
+    struct router_req *r = req_of(req);
+    r->drain = fn;
+    r->drain_ud = ud;
+}
+
 size_t router_http_stream_pending(const struct router_http_request *req)
 {
     const struct router_req *r = req_of_const(req);
@@ -1514,6 +1721,14 @@ enum pw_err router_http_stream_end(struct router_http_request *req)
     } else if (r->resp != RESP_STREAMING) {
         err = PW_ERR_INVAL;
         respond_error_now(r, 500, NULL, "internal_error", "internal error");
+    } else if (r->fixed_out && r->out_left > 0) {
+        /* Fewer bytes than announced: the client must see a cut body, not a short one. */
+        PW_LOG_WARN("event=http_short_body request_id=%s missing=%llu", r->pub.request_id,
+                    (unsigned long long)r->out_left);
+        err = PW_ERR_INVAL;
+        r->keep_alive = false;
+        r->resp = RESP_DONE;
+        conn_kill(r->conn);
     } else {
         if (r->chunked_out && !r->is_head)
             evbuffer_add(bufferevent_get_output(r->conn->bev), "0\r\n\r\n", 5);
@@ -1743,6 +1958,40 @@ static char *dup_or_null(const char *s)
     return s ? strdup(s) : NULL;
 }
 
+/* Creates the spool directory (0700, parents too) and checks a spool file can be made in
+ * it, so a bad directory fails at start, not at the first upload. *out: our copy. */
+static enum pw_err spool_dir_prepare(const char *dir, char **out)
+{
+    if (!dir || !dir[0]) {
+        PW_LOG_ERROR("event=http_spool_config error=\"no spool directory\"");
+        return PW_ERR_CONFIG;
+    }
+    char *d = strdup(dir);
+    if (!d)
+        return PW_ERR_NOMEM;
+    size_t n = strlen(d);
+    while (n > 1 && d[n - 1] == '/')
+        d[--n] = '\0';
+    for (char *p = d + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        int rc = mkdir(d, 0700);
+        *p = '/';
+        if (rc != 0 && errno != EEXIST)
+            break;
+    }
+    int fd = -1;
+    if ((mkdir(d, 0700) == 0 || errno == EEXIST) && (fd = spool_open(d)) >= 0) {
+        close(fd);
+        *out = d;
+        return PW_OK;
+    }
+    PW_LOG_ERROR("event=http_spool_config dir=%s error=\"%s\"", d, strerror(errno));
+    free(d);
+    return PW_ERR_CONFIG;
+}
+
 enum pw_err router_http_server_create(const struct router_http_config *cfg,
                                       router_http_handler_fn handler, void *handler_ud,
                                       struct router_http_server **out)
@@ -1766,6 +2015,13 @@ enum pw_err router_http_server_create(const struct router_http_config *cfg,
     srv->cfg.host = srv->host;
     srv->cfg.tls_cert_file = srv->cert;
     srv->cfg.tls_key_file = srv->key;
+    if (cfg->body_spool.fn) {
+        err = spool_dir_prepare(cfg->body_spool.dir, &srv->spool_dir);
+        if (err)
+            goto out;
+        srv->cfg.body_spool.dir = srv->spool_dir;
+        err = PW_ERR_NOMEM;
+    }
     struct router_http_config *c = &srv->cfg;
     if (!c->max_header_bytes)
         c->max_header_bytes = ROUTER_HTTP_DEFAULT_MAX_HEADER_BYTES;
@@ -1935,5 +2191,6 @@ void router_http_server_destroy(struct router_http_server *srv)
     free(srv->host);
     free(srv->cert);
     free(srv->key);
+    free(srv->spool_dir);
     free(srv);
 }

@@ -37,6 +37,7 @@
 
 struct event_base;
 struct router_http_server;
+struct router_http_request;
 
 /* ---------------------------------------------------------------------------------------- */
 /* Configuration                                                                            */
@@ -45,7 +46,26 @@ struct router_http_server;
 #define ROUTER_HTTP_DEFAULT_MAX_HEADER_BYTES (16u * 1024u)
 #define ROUTER_HTTP_DEFAULT_MAX_BODY_BYTES (8u * 1024u * 1024u)
 #define ROUTER_HTTP_DEFAULT_MAX_OUTPUT_BYTES (4u * 1024u * 1024u)
-#define ROUTER_HTTP_REQUEST_ID_MAX 128 /* bytes, without the NUL */
+#define ROUTER_HTTP_REQUEST_ID_MAX 128                  /* bytes, without the NUL */
+#define ROUTER_HTTP_SPOOL_MAX_BYTES ((uint64_t)1 << 40) /* cap of any spooled body */
+
+/*
+ * Body spooling (large uploads). Called on the worker thread once a request's headers are
+ * complete and before any of its body is read, for requests that have a body. req has
+ * method, target, path, query, headers, request_id and remote_addr set (no body yet); it is
+ * borrowed for the call. Returns 0 to read the body into memory as usual (max_body_bytes),
+ * or a limit in bytes: the body is then written, de-chunked, to an unlinked file in the
+ * spool directory as it arrives and the handler gets it as body_fd (see struct
+ * router_http_request). Must not block and must not call router_http_* on req.
+ */
+typedef uint64_t (*router_http_spool_fn)(const struct router_http_request *req, void *ud);
+
+struct router_http_spool {
+    router_http_spool_fn fn; /* NULL: no body is ever spooled */
+    void *ud;                /* borrowed; passed to fn */
+    const char *dir;         /* spool directory, on disk (not tmpfs); created 0700 with its
+                                parents when missing; required when fn is set */
+};
 
 struct router_http_config {
     const char *host;           /* bind address (numeric IPv4 or IPv6); default "127.0.0.1" */
@@ -67,6 +87,7 @@ struct router_http_config {
                                    default 60000 */
     uint32_t write_timeout_ms;  /* output pending with no progress: drop; default 60000 */
     uint32_t drain_timeout_ms;  /* graceful stop: in-flight work gets this long; def 30000 */
+    struct router_http_spool body_spool; /* which bodies go to disk; zeroed: none */
 };
 
 /* Fills cfg with the defaults above. */
@@ -106,8 +127,15 @@ struct router_http_request {
     int version_minor; /* HTTP/1.<minor> */
     const struct router_http_header *headers;
     size_t n_headers;
-    const char *body; /* contiguous body, NUL-terminated for convenience; "" if none */
-    size_t body_len;
+    const char *body;        /* contiguous body, NUL-terminated for convenience; "" if none or
+                                spooled */
+    size_t body_len;         /* bytes at body; 0 when spooled */
+    bool body_spooled;       /* the body is in a spool file (router_http_spool), not in body */
+    int body_fd;             /* spooled: descriptor of an unlinked file holding exactly body_fd_len
+                                bytes; read it with pread(2) (offsets from 0), never write it.
+                                Owned by the request: closed when it is freed. -1 when not
+                                spooled. */
+    uint64_t body_fd_len;    /* spooled: the body's length in bytes */
     const char *request_id;  /* x-request-id: the client's if sane, else generated */
     const char *remote_addr; /* "1.2.3.4:5678" or "[::1]:5678" */
     uint64_t start_ns;       /* pw_clock_mono_ns() at the request's first byte */
@@ -158,6 +186,14 @@ enum pw_err router_http_respond_error(struct router_http_request *req, int statu
 enum pw_err router_http_stream_begin(struct router_http_request *req, int status,
                                      const struct router_http_field *headers, size_t n_headers);
 
+/* Like router_http_stream_begin for a body whose length is known up front: Content-Length
+ * framing (no chunked encoding; HTTP/1.0 keeps keep-alive). The writes must add up to
+ * exactly length bytes: a write past it is refused (PW_ERR_INVAL, nothing queued), and
+ * stream_end with bytes missing cuts the connection (PW_ERR_INVAL). */
+enum pw_err router_http_stream_begin_length(struct router_http_request *req, int status,
+                                            const struct router_http_field *headers,
+                                            size_t n_headers, uint64_t length);
+
 /*
  * Queues one chunk (copied; an empty one is ignored). If the unsent output would pass
  * max_output_bytes (the client reads too slowly), the connection is dropped, this returns
@@ -167,6 +203,16 @@ enum pw_err router_http_stream_write(struct router_http_request *req, const void
 
 /* Unsent output bytes on the request's connection (0 when closed): for pacing. */
 size_t router_http_stream_pending(const struct router_http_request *req);
+
+/* Called from the event loop when a streaming response's connection has written all its
+ * output (for a handler that produces a large body at the pace the client reads it). */
+typedef void (*router_http_drain_fn)(struct router_http_request *req, void *ud);
+
+/* Sets (or with fn NULL clears) the drain callback; ud is borrowed. It runs only between
+ * stream_begin and the terminal call, never from inside a router_http_* call; the terminal
+ * call clears it. */
+void router_http_stream_set_drain(struct router_http_request *req, router_http_drain_fn fn,
+                                  void *ud);
 
 /* Terminal: ends the stream (the zero chunk). */
 enum pw_err router_http_stream_end(struct router_http_request *req);

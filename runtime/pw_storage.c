@@ -112,6 +112,17 @@ enum pw_err pw_storage_read(struct pw_storage_reader *rd, void *buf, size_t cap,
     return rd->s->ops->read(rd, buf, cap, n_out);
 }
 
+enum pw_err pw_storage_read_at(struct pw_storage_reader *rd, uint64_t off, void *buf, size_t cap,
+                               size_t *n_out)
+{
+    if (!rd || !n_out)
+        return PW_ERR_INVAL;
+    *n_out = 0;
+    if (!rd->s->ops->read_at)
+        return PW_ERR_UNSUPPORTED;
+    return rd->s->ops->read_at(rd, off, buf, cap, n_out);
+}
+
 void pw_storage_reader_close(struct pw_storage_reader *rd)
 {
     if (rd)
@@ -324,6 +335,28 @@ static enum pw_err local_read(struct pw_storage_reader *rd, void *buf, size_t ca
     }
 }
 
+static enum pw_err local_read_at(struct pw_storage_reader *rd, uint64_t off, void *buf, size_t cap,
+                                 size_t *n_out)
+{
+    struct local_reader *r = (struct local_reader *)rd;
+    size_t have = 0;
+    if (off > (uint64_t)INT64_MAX)
+        return PW_ERR_RANGE;
+    /* pread may return short counts; loop so only the end of the object gives fewer. */
+    while (have < cap) {
+        ssize_t n = pread(r->fd, (char *)buf + have, cap - have, (off_t)(off + have));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return errno_err(errno);
+        if (n == 0)
+            break;
+        have += (size_t)n;
+    }
+    *n_out = have;
+    return PW_OK;
+}
+
 static void local_reader_close(struct pw_storage_reader *rd)
 {
     struct local_reader *r = (struct local_reader *)rd;
@@ -358,6 +391,7 @@ static const struct pw_storage_ops local_ops = {
     .reader_close = local_reader_close,
     .remove = local_remove,
     .destroy = local_destroy,
+    .read_at = local_read_at,
 };
 
 /* mkdir -p with mode 0700 for the directories it creates. */

@@ -43,6 +43,10 @@ struct pw_storage_ops {
     void (*reader_close)(struct pw_storage_reader *rd);
     enum pw_err (*remove)(struct pw_storage *s, const char *id);
     void (*destroy)(struct pw_storage *s);
+    /* Optional (NULL: PW_ERR_UNSUPPORTED): up to cap bytes at off, without moving the
+     * reader's sequential position; *n_out < cap only at the end of the object. */
+    enum pw_err (*read_at)(struct pw_storage_reader *rd, uint64_t off, void *buf, size_t cap,
+                           size_t *n_out);
 };
 
 struct pw_storage {
@@ -75,6 +79,16 @@ enum pw_err pw_storage_reader_open(struct pw_storage *s, const char *id, uint64_
                                    struct pw_storage_reader **out);
 enum pw_err pw_storage_read(struct pw_storage_reader *rd, void *buf, size_t cap, size_t *n_out);
 void pw_storage_reader_close(struct pw_storage_reader *rd); /* NULL is a no-op */
+
+/*
+ * Random access on an open reader: up to cap bytes starting at byte off (fewer only at the
+ * end of the object; 0 past it). Does not move the sequential position of
+ * pw_storage_read(). The reader keeps seeing the object it opened, even if the id is
+ * replaced or deleted meanwhile (local: an open descriptor). PW_ERR_UNSUPPORTED when the
+ * implementation has no random access.
+ */
+enum pw_err pw_storage_read_at(struct pw_storage_reader *rd, uint64_t off, void *buf, size_t cap,
+                               size_t *n_out);
 
 /*
  * The whole object, malloc'd and NUL-terminated (free()); *len_out its length. An object

@@ -6,7 +6,9 @@
  * Covers: upload, create, poll to completed, output in input order with every custom_id
  * once; per-line validation errors; upload refusals; cancel keeping finished lines; another
  * tenant getting 404; SIGKILL of the engine and of the router mid-batch with no line lost
- * or duplicated. Exit 77 (skipped) without redis-server or the built binaries.
+ * or duplicated; a ~50 MB upload that the router spools and streams (its peak RSS grows far
+ * less than the file, the stored bytes are identical, validation streams too) and oversized
+ * uploads refused with 413. Exit 77 (skipped) without redis-server or the built binaries.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -36,6 +38,30 @@
 #define ROUTER_BIN PW_BINARY_DIR "/router/parkway-router"
 #define ENGINE_BIN PW_BINARY_DIR "/engine/parkway-engine"
 #define GGUF_GEN PW_BINARY_DIR "/tools/gguf-gen/parkway-gguf-gen"
+#define MAX_FILE_BYTES 52000000 /* the router's --max-file-bytes here */
+
+/* Under AddressSanitizer freed blocks sit in a quarantine (256 MB by default) that counts in
+ * RSS, so every read buffer libevent frees while a 50 MB body streams by stays resident: the
+ * RSS bound is checked in normal builds only. */
+#if defined(__SANITIZE_ADDRESS__)
+#define RSS_CHECKED 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RSS_CHECKED 0
+#endif
+#endif
+#ifndef RSS_CHECKED
+#define RSS_CHECKED 1
+#endif
+#define RSS_GROWTH_MAX_KB (16 * 1024) /* the file is ~50 MB */
+
+static void check_rss_growth(const char *what, long before_kb, long hwm_kb)
+{
+    fprintf(stderr, "%s: router VmRSS before %ld kB, VmHWM after %ld kB%s\n", what, before_kb,
+            hwm_kb, RSS_CHECKED ? "" : " (not checked under ASan)");
+    if (RSS_CHECKED && hwm_kb - before_kb >= RSS_GROWTH_MAX_KB)
+        fail_msg("%s: the router's peak RSS grew by %ld kB", what, hwm_kb - before_kb);
+}
 
 static struct pw_test_redis g_redis;
 static char g_dir[64];
@@ -61,8 +87,10 @@ static void start_router(void)
     snprintf(url, sizeof url, "%s", g_redis.url);
     snprintf(storage, sizeof storage, "%s/files", g_dir);
     snprintf(log, sizeof log, "%s/router.log", g_dir);
-    char *argv[] = {ROUTER_BIN, "--redis",       url,     "--port", port, "--threads",
-                    "1",        "--storage-dir", storage, NULL};
+    char maxf[24];
+    snprintf(maxf, sizeof maxf, "%d", MAX_FILE_BYTES);
+    char *argv[] = {ROUTER_BIN, "--redis",       url,     "--port",           port, "--threads",
+                    "1",        "--storage-dir", storage, "--max-file-bytes", maxf, NULL};
     g_router = pw_test_spawn(argv, log, SIGKILL);
 }
 
@@ -173,6 +201,40 @@ static int upload(const char *key, const char *content, char *id, size_t cap, ch
     }
     free(r.body);
     return r.status;
+}
+
+/* The multipart body of a batch upload of content (clen bytes); *len_out its size. */
+static char *multipart(const char *content, size_t clen, size_t *len_out)
+{
+    const char *bnd = "pwtestboundary42";
+    char *b = malloc(clen + 1024);
+    int n = snprintf(b, 1024,
+                     "--%s\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+                     "--%s\r\nContent-Disposition: form-data; name=\"file\"; "
+                     "filename=\"big.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n",
+                     bnd, bnd);
+    memcpy(b + n, content, clen);
+    size_t len = (size_t)n + clen;
+    len += (size_t)snprintf(b + len, 128, "\r\n--%s--\r\n", bnd);
+    *len_out = len;
+    return b;
+}
+
+/* A field of /proc/<pid>/status in kB (VmRSS, VmHWM). */
+static long proc_kb(pid_t pid, const char *field)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    long v = -1;
+    size_t fl = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, field, fl) == 0 && line[fl] == ':')
+            v = strtol(line + fl + 1, NULL, 10);
+    fclose(f);
+    assert_true(v >= 0);
+    return v;
 }
 
 static char *chat_lines(int n, int max_tokens, const char *prefix)
@@ -450,6 +512,124 @@ static void test_upload_refusals(void **state)
     free(r.body);
 }
 
+/* A ~50 MB batch file: the router spools the body to disk and copies the file part to
+ * storage in bounded pieces, so its peak RSS grows far less than the file; the stored bytes
+ * are the sent bytes; creating a batch on it validates line by line (bounded too). */
+static void test_big_upload_streams(void **state)
+{
+    (void)state;
+    const int n_lines = 49000;
+    char pad[901];
+    memset(pad, 'x', 900);
+    pad[900] = '\0';
+    size_t cap = (size_t)n_lines * 1100, clen = 0;
+    char *content = malloc(cap);
+    for (int i = 0; i < n_lines; i++)
+        clen +=
+            (size_t)snprintf(content + clen, cap - clen,
+                             "{\"custom_id\":\"big-%d\",\"method\":\"POST\",\"url\":\"/v1/chat/"
+                             "completions\",\"body\":{\"model\":\"nope\",\"messages\":[{\"role\":"
+                             "\"user\",\"content\":\"%s\"}],\"max_tokens\":4}}\n",
+                             i, pad);
+    assert_true(clen > 48u * 1000 * 1000 && clen < (size_t)MAX_FILE_BYTES);
+    size_t blen = 0;
+    char *body = multipart(content, clen, &blen);
+    char ctype[128];
+    snprintf(ctype, sizeof ctype, "multipart/form-data; boundary=pwtestboundary42");
+
+    long rss0 = proc_kb(g_router, "VmRSS");
+    struct resp r;
+    assert_int_equal(http("POST", "/v1/files", g_key_a, ctype, body, blen, &r), 0);
+    if (r.status != 200)
+        fail_msg("upload: %d %s", r.status, r.body);
+    long hwm = proc_kb(g_router, "VmHWM");
+    json_t *j = json_loads(r.body, 0, NULL);
+    free(r.body);
+    char fid[128];
+    snprintf(fid, sizeof fid, "%s", json_string_value(json_object_get(j, "id")));
+    assert_int_equal(json_integer_value(json_object_get(j, "bytes")), (json_int_t)clen);
+    json_decref(j);
+    fprintf(stderr, "uploaded %zu bytes\n", clen);
+    check_rss_growth("upload", rss0, hwm);
+
+    /* the stored object is byte for byte what was sent */
+    char path[256];
+    snprintf(path, sizeof path, "%s/files/%s", g_dir, fid);
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    char *stored = malloc(clen + 1);
+    size_t got = fread(stored, 1, clen + 1, f);
+    fclose(f);
+    assert_int_equal(got, clen);
+    assert_memory_equal(stored, content, clen);
+    free(stored);
+
+    /* and the download streams it back (Content-Length, paced by the client) */
+    rss0 = proc_kb(g_router, "VmRSS");
+    snprintf(path, sizeof path, "/v1/files/%s/content", fid);
+    assert_int_equal(http("GET", path, g_key_a, NULL, NULL, 0, &r), 0);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.len, clen);
+    assert_memory_equal(r.body, content, clen);
+    free(r.body);
+    hwm = proc_kb(g_router, "VmHWM");
+    check_rss_growth("download", rss0, hwm);
+
+    /* a batch on it: every line is validated, streaming (every line names an unknown model) */
+    rss0 = proc_kb(g_router, "VmRSS");
+    char bid[128];
+    create_batch(g_key_a, fid, bid, sizeof bid);
+    json_t *b = poll_batch(bid, "failed|completed|in_progress|", 0, 120);
+    assert_string_equal(json_string_value(json_object_get(b, "status")), "failed");
+    json_t *data = json_object_get(json_object_get(b, "errors"), "data");
+    assert_int_equal(json_array_size(data), 1000); /* ROUTER_BATCH_MAX_ERRORS */
+    json_t *e0 = json_array_get(data, 0);
+    assert_string_equal(json_string_value(json_object_get(e0, "code")), "model_not_found");
+    assert_int_equal(json_integer_value(json_object_get(e0, "line")), 1);
+    json_decref(b);
+    hwm = proc_kb(g_router, "VmHWM");
+    check_rss_growth("validation", rss0, hwm);
+
+    /* over the limit by the file part (the body itself within the spool limit): 413 */
+    char *over = realloc(content, (size_t)MAX_FILE_BYTES + 1);
+    memset(over + clen, ' ', (size_t)MAX_FILE_BYTES + 1 - clen);
+    free(body);
+    body = multipart(over, (size_t)MAX_FILE_BYTES + 1, &blen);
+    assert_int_equal(http("POST", "/v1/files", g_key_a, ctype, body, blen, &r), 0);
+    assert_int_equal(r.status, 413);
+    j = json_loads(r.body, 0, NULL);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "error"), "code")),
+                        "file_too_large");
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "error"), "type")),
+                        "invalid_request_error");
+    json_decref(j);
+    free(r.body);
+    free(over);
+    free(body);
+
+    /* over the limit by Content-Length: 413 from the headers, before the body is read */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)g_port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    char head[512];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Type: %s\r\nContent-Length: 300000000\r\n\r\n--pwtest",
+                      g_key_a, ctype);
+    assert_int_equal(write(fd, head, (size_t)hl), hl);
+    char buf[4096];
+    size_t n = 0;
+    for (ssize_t k; n < sizeof buf - 1 && (k = read(fd, buf + n, sizeof buf - 1 - n)) > 0;)
+        n += (size_t)k;
+    buf[n] = '\0';
+    close(fd);
+    assert_true(strncmp(buf, "HTTP/1.1 413 ", 13) == 0);
+    assert_non_null(strstr(buf, "\"code\":\"request_too_large\""));
+    assert_non_null(strstr(buf, "{\"error\":{\"message\":"));
+}
+
 static void test_other_tenant_gets_404(void **state)
 {
     (void)state;
@@ -605,6 +785,7 @@ int main(void)
         cmocka_unit_test(test_batch_completes_in_order),
         cmocka_unit_test(test_bad_lines_fail_with_per_line_errors),
         cmocka_unit_test(test_upload_refusals),
+        cmocka_unit_test(test_big_upload_streams),
         cmocka_unit_test(test_other_tenant_gets_404),
         cmocka_unit_test(test_cancel_keeps_finished_lines),
         cmocka_unit_test(test_interactive_ahead_of_batch),

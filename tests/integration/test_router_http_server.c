@@ -3,7 +3,9 @@
  * ephemeral port), driven over raw sockets: keep-alive, pipelining, chunked and
  * 100-continue bodies, every limit and timeout, smuggling attempts, streaming from another
  * thread, client disconnect, back-pressure, request ids, graceful stop, curl, and TLS with
- * an OpenSSL client and a certificate made at test time.
+ * an OpenSSL client and a certificate made at test time. Spooled bodies (router_http_spool):
+ * content-length and chunked, 413 before the body, 100-continue, and no spool file left when
+ * the client goes away mid-body.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <dirent.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -128,9 +131,89 @@ static void slow_cb(evutil_socket_t fd, short what, void *arg)
     router_http_respond(req, 200, NULL, 0, "slow-ok", 7);
 }
 
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+#define FNV0 14695981039346656037ull
+#define SPOOL_LIMIT (1024u * 1024u)
+
+/* The test's spool predicate: bodies of /spool* go to disk with a 1 MiB limit. */
+static uint64_t spool_pred(const struct router_http_request *req, void *ud)
+{
+    assert_string_equal((const char *)ud, "spool-ud");
+    assert_non_null(req->method);
+    assert_non_null(router_http_request_header(req, "host"));
+    return strncmp(req->path, "/spool", 6) == 0 ? SPOOL_LIMIT : 0;
+}
+
+#define FIXED_LEN (3u * 1024u * 1024u + 123u)
+
+/* /fixed: FIXED_LEN bytes ('a' + i % 23) streamed with Content-Length, 64 KiB whenever the
+ * connection has written everything (the drain callback). */
+struct fixed_gen {
+    size_t sent;
+};
+
+static void fixed_pump(struct router_http_request *req, void *ud)
+{
+    struct fixed_gen *g = ud;
+    static char chunk[65536];
+    while (router_http_stream_pending(req) < 128 * 1024) {
+        if (g->sent == FIXED_LEN) {
+            free(g);
+            assert_int_equal(router_http_stream_end(req), PW_OK);
+            return;
+        }
+        size_t n = FIXED_LEN - g->sent < sizeof chunk ? FIXED_LEN - g->sent : sizeof chunk;
+        for (size_t i = 0; i < n; i++)
+            chunk[i] = (char)('a' + (g->sent + i) % 23);
+        assert_int_equal(router_http_stream_write(req, chunk, n), PW_OK);
+        g->sent += n;
+    }
+}
+
+static void fixed_gone(struct router_http_request *req, void *ud)
+{
+    free(ud);
+    router_http_request_release(req);
+}
+
 static void handler(struct router_http_request *req, void *ud)
 {
-    if (!strcmp(req->path, "/echo")) {
+    if (!strcmp(req->path, "/fixed")) {
+        struct fixed_gen *g = calloc(1, sizeof *g);
+        static const struct router_http_field ct[] = {{"Content-Type", "text/plain"}};
+        assert_int_equal(router_http_stream_begin_length(req, 200, ct, 1, FIXED_LEN), PW_OK);
+        router_http_request_set_cancel(req, fixed_gone, g);
+        router_http_stream_set_drain(req, fixed_pump, g);
+        fixed_pump(req, g);
+    } else if (!strcmp(req->path, "/short")) {
+        assert_int_equal(router_http_stream_begin_length(req, 200, NULL, 0, 10), PW_OK);
+        assert_int_equal(router_http_stream_write(req, "hello", 5), PW_OK);
+        assert_int_equal(router_http_stream_write(req, "toolongtoolong", 14), PW_ERR_INVAL);
+        assert_int_equal(router_http_stream_end(req), PW_ERR_INVAL); /* 5 missing: cut */
+    } else if (!strncmp(req->path, "/spool", 6)) {
+        /* Reads the spooled body back through its descriptor. */
+        uint64_t h = FNV0, off = 0;
+        char buf[8192];
+        while (req->body_spooled && off < req->body_fd_len) {
+            ssize_t n = pread(req->body_fd, buf, sizeof buf, (off_t)off);
+            if (n <= 0)
+                break;
+            h = fnv(h, buf, (size_t)n);
+            off += (uint64_t)n;
+        }
+        char *out = router_http_request_alloc(req, 256);
+        int n = snprintf(out, 256, "spooled=%d len=%llu read=%llu body_len=%zu hash=%016llx",
+                         req->body_spooled, (unsigned long long)req->body_fd_len,
+                         (unsigned long long)off, req->body_len, (unsigned long long)h);
+        router_http_respond(req, 200, NULL, 0, out, (size_t)n);
+    } else if (!strcmp(req->path, "/echo")) {
         const char *xt = router_http_request_header(req, "x-test");
         char *out = router_http_request_alloc(req, req->body_len + 512);
         int n = snprintf(out, req->body_len + 512, "method=%s path=%s query=%s xtest=%s body=%s",
@@ -209,6 +292,69 @@ static void srv_stop(struct tsrv *t)
     pthread_join(t->th, NULL);
     router_http_server_destroy(t->s);
     cur_srv = NULL;
+}
+
+static char spool_dir[64];
+
+/* A server whose /spool* bodies are spooled into a fresh directory (spool_dir). */
+static void start_spool(struct tsrv *t)
+{
+    snprintf(spool_dir, sizeof spool_dir, "/tmp/pw-spool-test-XXXXXX");
+    assert_non_null(mkdtemp(spool_dir));
+    struct router_http_config cfg;
+    base_cfg(&cfg);
+    static char ud[] = "spool-ud";
+    char dir[128];
+    snprintf(dir, sizeof dir, "%s/sub/spool", spool_dir); /* created by the server */
+    cfg.body_spool.fn = spool_pred;
+    cfg.body_spool.ud = ud;
+    cfg.body_spool.dir = dir;
+    srv_start(t, &cfg);
+}
+
+/* Open descriptors of this process on files in the spool directory (the server runs here:
+ * an unlinked spool file still shows in /proc/self/fd as "<dir>/#123 (deleted)"). */
+static int spool_fds(void)
+{
+    char want[160];
+    snprintf(want, sizeof want, "%s/sub/spool/", spool_dir);
+    DIR *d = opendir("/proc/self/fd");
+    assert_non_null(d);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        char path[300], target[512];
+        snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+        ssize_t l = readlink(path, target, sizeof target - 1);
+        if (l <= 0)
+            continue;
+        target[l] = '\0';
+        n += strncmp(target, want, strlen(want)) == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+/* Entries in the spool directory (spool files are unlinked: always 0). */
+static int spool_entries(void)
+{
+    char dir[160];
+    snprintf(dir, sizeof dir, "%s/sub/spool", spool_dir);
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(d);
+    return n;
+}
+
+static void spool_cleanup(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", spool_dir);
+    assert_int_equal(system(cmd), 0);
 }
 
 static void start_default(struct tsrv *t)
@@ -1027,6 +1173,199 @@ static void test_tls_bad_files(void **state)
     assert_null(s);
 }
 
+/* A body over max_body_bytes (64 KiB) is fine on a spooled route, by length and chunked;
+ * other routes keep the in-memory path and its limit. */
+static void test_spool_bodies(void **state)
+{
+    struct tsrv t;
+    start_spool(&t);
+    static char body[600 * 1024];
+    for (size_t i = 0; i < sizeof body; i++)
+        body[i] = (char)('a' + (i * 7) % 26);
+    uint64_t h = fnv(FNV0, body, sizeof body);
+    char want[200];
+    snprintf(want, sizeof want, "spooled=1 len=%zu read=%zu body_len=0 hash=%016llx", sizeof body,
+             sizeof body, (unsigned long long)h);
+    struct client *c = cl_open(t.port);
+    char head[256];
+    snprintf(head, sizeof head, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n",
+             sizeof body);
+    cl_sends(c, head);
+    cl_send(c, body, sizeof body);
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_int_equal(rsp.status, 200);
+    assert_string_equal(rsp.body, want);
+
+    /* chunked, on the same keep-alive connection, in uneven chunks */
+    cl_sends(c, "POST /spool/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for (size_t off = 0; off < sizeof body;) {
+        size_t n = sizeof body - off < 70001 ? sizeof body - off : 70001;
+        char ch[32];
+        snprintf(ch, sizeof ch, "%zx\r\n", n);
+        cl_sends(c, ch);
+        cl_send(c, body + off, n);
+        cl_sends(c, "\r\n");
+        off += n;
+    }
+    cl_sends(c, "0\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_int_equal(rsp.status, 200);
+    assert_string_equal(rsp.body, want);
+
+    /* an empty body is not spooled; other routes keep the memory path and its limit */
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    snprintf(want, sizeof want, "spooled=0 len=0 read=0 body_len=0 hash=%016llx",
+             (unsigned long long)FNV0);
+    assert_string_equal(rsp.body, want);
+    cl_sends(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_string_equal(rsp.body, "method=POST path=/echo query= xtest=- body=abc");
+    cl_sends(c, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_openai_error(&rsp, 413, "request_too_large");
+    cl_close(c);
+    assert_int_equal(spool_entries(), 0);
+    srv_stop(&t);
+    assert_int_equal(spool_fds(), 0);
+    spool_cleanup();
+}
+
+/* Over the spool limit: 413 from the headers alone (before any body is read, no 100
+ * Continue), or as soon as a chunked body passes it; the connection closes either way. */
+static void test_spool_limits_and_continue(void **state)
+{
+    struct tsrv t;
+    start_spool(&t);
+    struct client *c = cl_open(t.port);
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\nabcdef");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_openai_error(&rsp, 413, "request_too_large");
+    char v[64];
+    assert_string_equal(resp_header(&rsp, "connection", v, sizeof v), "close");
+    assert_true(cl_closed(c));
+    cl_close(c);
+
+    c = cl_open(t.port);
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n"
+                "Expect: 100-continue\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_openai_error(&rsp, 413, "request_too_large"); /* never a 100 first */
+    cl_close(c);
+
+    c = cl_open(t.port);
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                "Expect: 100-continue\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_int_equal(rsp.status, 100);
+    cl_sends(c, "hello");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_int_equal(rsp.status, 200);
+    char want[128];
+    snprintf(want, sizeof want, "spooled=1 len=5 read=5 body_len=0 hash=%016llx",
+             (unsigned long long)fnv(FNV0, "hello", 5));
+    assert_string_equal(rsp.body, want);
+    cl_close(c);
+
+    c = cl_open(t.port);
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    static char chunk[64 * 1024 + 16];
+    int hl = snprintf(chunk, sizeof chunk, "%x\r\n", 64 * 1024);
+    memset(chunk + hl, 'z', 64 * 1024);
+    memcpy(chunk + hl + 64 * 1024, "\r\n", 2);
+    for (int i = 0; i < 20; i++) /* 1.25 MiB against 1 MiB */
+        cl_send(c, chunk, (size_t)hl + 64 * 1024 + 2);
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_openai_error(&rsp, 413, "request_too_large");
+    assert_true(cl_closed(c));
+    cl_close(c);
+    for (int i = 0; i < 200 && spool_fds() > 0; i++)
+        usleep(10 * 1000);
+    assert_int_equal(spool_fds(), 0);
+    assert_int_equal(spool_entries(), 0);
+    srv_stop(&t);
+    spool_cleanup();
+}
+
+/* A client that goes away half-way through a spooled body leaves no spool file behind. */
+static void test_spool_client_gone_mid_body(void **state)
+{
+    struct tsrv t;
+    start_spool(&t);
+    struct client *c = cl_open(t.port);
+    cl_sends(c, "POST /spool HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n");
+    static char part[300 * 1024];
+    memset(part, 'q', sizeof part);
+    cl_send(c, part, sizeof part);
+    for (int i = 0; i < 200 && spool_fds() == 0; i++)
+        usleep(10 * 1000);
+    assert_int_equal(spool_fds(), 1); /* being written */
+    assert_int_equal(spool_entries(), 0);
+    cl_close(c);
+    for (int i = 0; i < 200 && spool_fds() > 0; i++)
+        usleep(10 * 1000);
+    assert_int_equal(spool_fds(), 0);
+    assert_int_equal(spool_entries(), 0);
+    srv_stop(&t);
+    spool_cleanup();
+}
+
+/* A large body of known length streamed at the client's pace: Content-Length framing, the
+ * drain callback refills, nothing dropped at max_output_bytes (256 KiB here), keep-alive
+ * intact afterwards; fewer bytes than announced cut the connection. */
+static void test_stream_length_with_drain(void **state)
+{
+    struct tsrv t;
+    start_default(&t);
+    struct client *c = cl_open(t.port);
+    cl_sends(c, "GET /fixed HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_int_equal(read_response_ex(c, &rsp, true), 0);
+    assert_int_equal(rsp.status, 200);
+    char v[64];
+    assert_string_equal(resp_header(&rsp, "content-length", v, sizeof v), "3145851");
+    assert_null(resp_header(&rsp, "transfer-encoding", v, sizeof v));
+    size_t got = 0;
+    while (got < FIXED_LEN) {
+        if (c->len == 0)
+            assert_true(cl_fill(c) > 0);
+        size_t n = c->len < FIXED_LEN - got ? c->len : FIXED_LEN - got;
+        for (size_t i = 0; i < n; i++)
+            if (c->buf[i] != (char)('a' + (got + i) % 23))
+                fail_msg("byte %zu differs", got + i);
+        cl_consume(c, n);
+        got += n;
+        if (got % (512 * 1024) < n)
+            usleep(20 * 1000); /* a slow reader now and then */
+    }
+    cl_sends(c, "GET /echo HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), 0);
+    assert_string_equal(rsp.body, "method=GET path=/echo query= xtest=- body=");
+    cl_close(c);
+
+    c = cl_open(t.port);
+    cl_sends(c, "GET /short HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_int_equal(read_response(c, &rsp), -1); /* 10 announced, 5 sent, then closed */
+    cl_close(c);
+    srv_stop(&t);
+}
+
+/* A spool directory that cannot be used fails at create, not at the first upload. */
+static void test_spool_bad_dir(void **state)
+{
+    struct router_http_config cfg;
+    base_cfg(&cfg);
+    cfg.body_spool.fn = spool_pred;
+    static char ud[] = "spool-ud";
+    cfg.body_spool.ud = ud;
+    cfg.body_spool.dir = "/proc/version/nope";
+    struct router_http_server *s = NULL;
+    assert_int_equal(router_http_server_create(&cfg, handler, NULL, &s), PW_ERR_CONFIG);
+    assert_null(s);
+    cfg.body_spool.dir = NULL;
+    assert_int_equal(router_http_server_create(&cfg, handler, NULL, &s), PW_ERR_CONFIG);
+    assert_null(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1052,6 +1391,11 @@ int main(void)
         cmocka_unit_test(test_curl),
         cmocka_unit_test(test_tls),
         cmocka_unit_test(test_tls_bad_files),
+        cmocka_unit_test(test_spool_bodies),
+        cmocka_unit_test(test_spool_limits_and_continue),
+        cmocka_unit_test(test_spool_client_gone_mid_body),
+        cmocka_unit_test(test_spool_bad_dir),
+        cmocka_unit_test(test_stream_length_with_drain),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
