@@ -93,6 +93,7 @@ struct scaler_fn_obs {
     char q_last_delivered[PW_STREAM_ID_MAX]; /* group cursor */
     bool q_lag_unknown;       /* Redis could not say (after deletions): XRANGE counts */
     uint64_t b_lag;           /* batch lane entries not yet delivered */
+    bool b_lag_unknown;       /* as q_lag_unknown (Redis 7.0 forgets lag on an AOF reload) */
     uint64_t b_pending;       /* batch lane entries delivered, not acknowledged */
     int64_t b_oldest_ms;      /* wall ms of the oldest undelivered batch entry; 0 = none */
     int64_t b_deadline_ms;    /* earliest deadline_unix_ms of the sampled waiting batch

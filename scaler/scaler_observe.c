@@ -108,7 +108,8 @@ static void parse_groups(struct scaler_fn *fn, const redisReply *reply, int lane
         o->q_pending = pending;
         snprintf(o->q_last_delivered, sizeof o->q_last_delivered, "%s", last);
     } else {
-        o->b_lag = lag_nil ? 0 : lag;
+        o->b_lag = lag;
+        o->b_lag_unknown = lag_nil;
         o->b_pending = pending;
         snprintf(o->b_last_delivered, sizeof o->b_last_delivered, "%s", last);
     }
@@ -289,6 +290,8 @@ static void on_batch_oldest(struct pw_redis *r, const redisReply *reply, enum pw
         struct scaler_fn_obs *o = &fn->obs;
         if (entries->n > 0)
             o->b_oldest_ms = id_ms(entries->v[0].id);
+        if (o->b_lag_unknown)
+            o->b_lag = entries->n;
         uint64_t sum = 0, p, out;
         int64_t dl, first = 0;
         size_t ok = 0;
@@ -321,7 +324,7 @@ static void round_step(struct scaler_fn *fn)
         /* Phase 2: the waiting entries of each lane that has some. */
         o->phase2 = true;
         bool want_q = (o->q_lag > 0 || o->q_lag_unknown) && o->q_last_delivered[0];
-        bool want_b = o->b_lag > 0 && o->b_last_delivered[0];
+        bool want_b = (o->b_lag > 0 || o->b_lag_unknown) && o->b_last_delivered[0];
         char start_q[PW_STREAM_ID_MAX + 1], start_b[PW_STREAM_ID_MAX + 1];
         snprintf(start_q, sizeof start_q, "(%s", o->q_last_delivered);
         snprintf(start_b, sizeof start_b, "(%s", o->b_last_delivered);

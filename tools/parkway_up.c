@@ -7,8 +7,15 @@
  *      kept only in <state>/env (mode 0600) so a second `parkway up` prints the same one,
  *   4. the router and scaler, when their executables are built (the scaler starts engines),
  *   5. <state>/env with OPENAI_BASE_URL and OPENAI_API_KEY, and both printed on stdout.
- * Ctrl-C (SIGINT) or SIGTERM stops the children in reverse order. If a child dies, the
- * stack is stopped and up exits 1. Single-threaded; signals are taken synchronously.
+ *
+ * Supervision: a child that exits without being asked (crash, kill, its own error) is
+ * started again with the same command line, after a delay that doubles with each exit in
+ * the last UP_CRASH_WINDOW_MS (UP_BACKOFF_FIRST_MS .. UP_BACKOFF_MAX_MS). More than
+ * UP_CRASH_LIMIT exits of one child in that window is a crash loop: the stack is stopped
+ * and up exits 1. Redis comes back with its data from the AOF; the router and scaler
+ * reconnect to it on their own; engines belong to the scaler, which replaces them.
+ * Ctrl-C (SIGINT) or SIGTERM stops the children in reverse order. Single-threaded; signals
+ * are taken synchronously (sigtimedwait), so restarts are timers of the same loop.
  */
 #include "parkway_cli.h"
 
@@ -35,10 +42,21 @@
 #include "pw_spec.h"
 
 #define UP_MAX_CHILDREN 8
+#define UP_MAX_ARGS 16
+#define UP_CRASH_LIMIT 5         /* more exits than this within the window: give up */
+#define UP_CRASH_WINDOW_MS 60000 /* the crash-loop window */
+#define UP_BACKOFF_FIRST_MS 250  /* delay before the first restart in a window */
+#define UP_BACKOFF_MAX_MS 8000   /* cap of the doubling delay */
 
 struct up_child {
     char name[32];
-    pid_t pid; /* 0 once reaped */
+    pid_t pid;               /* running process; 0 while stopped or waiting to restart */
+    char *argv[UP_MAX_ARGS]; /* owned copies, NULL-terminated: every restart reuses them */
+    char log_path[PATH_MAX]; /* stdout and stderr appended here; "" = up's own */
+    uint64_t exits_ms[UP_CRASH_LIMIT + 1]; /* monotonic ms of the latest exits, a ring */
+    unsigned exits;                        /* exits since up started */
+    unsigned recent;                       /* of those, within the last window */
+    uint64_t restart_at_ms;                /* monotonic ms of the pending restart; 0 = none */
 };
 
 struct up {
@@ -63,10 +81,9 @@ static void up_usage(FILE *out)
             "                     scaler or engines (to run those by hand, and for tests)\n");
 }
 
-static enum pw_err spawn(struct up *up, const char *name, char *const argv[], const char *log_path)
+/* Forks and execs c's command line; the pid goes to c->pid. */
+static enum pw_err child_exec(struct up_child *c)
 {
-    if (up->n_children >= UP_MAX_CHILDREN)
-        return PW_ERR_INTERNAL;
     pid_t pid = fork();
     if (pid < 0)
         return PW_ERR_IO;
@@ -76,22 +93,118 @@ static enum pw_err spawn(struct up *up, const char *name, char *const argv[], co
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        if (log_path) {
-            int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (c->log_path[0]) {
+            int fd = open(c->log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
             if (fd >= 0) {
                 dup2(fd, STDOUT_FILENO);
                 dup2(fd, STDERR_FILENO);
             }
         }
-        execvp(argv[0], argv);
-        fprintf(stderr, "parkway up: cannot run %s: %s\n", argv[0], strerror(errno));
+        execvp(c->argv[0], c->argv);
+        fprintf(stderr, "parkway up: cannot run %s: %s\n", c->argv[0], strerror(errno));
         _exit(127);
     }
-    struct up_child *c = &up->children[up->n_children++];
-    snprintf(c->name, sizeof c->name, "%s", name);
     c->pid = pid;
-    PW_LOG_INFO("event=child_started name=%s pid=%d", name, (int)pid);
     return PW_OK;
+}
+
+/* Adds a supervised child (argv and log_path are copied) and starts it. */
+static enum pw_err spawn(struct up *up, const char *name, char *const argv[], const char *log_path)
+{
+    if (up->n_children >= UP_MAX_CHILDREN)
+        return PW_ERR_INTERNAL;
+    struct up_child *c = &up->children[up->n_children];
+    memset(c, 0, sizeof *c);
+    snprintf(c->name, sizeof c->name, "%s", name);
+    snprintf(c->log_path, sizeof c->log_path, "%s", log_path ? log_path : "");
+    for (size_t i = 0; argv[i]; i++) {
+        if (i + 1 >= UP_MAX_ARGS || !(c->argv[i] = strdup(argv[i]))) {
+            for (size_t j = 0; j <= i && j < UP_MAX_ARGS; j++)
+                free(c->argv[j]);
+            memset(c->argv, 0, sizeof c->argv);
+            return PW_ERR_NOMEM;
+        }
+    }
+    up->n_children++;
+    enum pw_err e = child_exec(c);
+    if (e)
+        return e;
+    PW_LOG_INFO("event=child_started name=%s pid=%d", name, (int)c->pid);
+    return PW_OK;
+}
+
+static void up_deinit(struct up *up)
+{
+    for (int i = 0; i < up->n_children; i++)
+        for (size_t j = 0; j < UP_MAX_ARGS; j++)
+            free(up->children[i].argv[j]);
+    up->n_children = 0;
+}
+
+/*
+ * Records an unasked exit of c at now and schedules its restart. Returns false when c has
+ * exited more than UP_CRASH_LIMIT times within UP_CRASH_WINDOW_MS (a crash loop).
+ */
+static bool child_exited(struct up_child *c, uint64_t now)
+{
+    c->pid = 0;
+    c->exits_ms[c->exits % (UP_CRASH_LIMIT + 1)] = now;
+    c->exits++;
+    unsigned recent = 0;
+    for (unsigned i = 0; i < UP_CRASH_LIMIT + 1 && i < c->exits; i++)
+        if (now - c->exits_ms[i] < UP_CRASH_WINDOW_MS)
+            recent++;
+    c->recent = recent;
+    if (recent > UP_CRASH_LIMIT)
+        return false;
+    uint64_t delay = (uint64_t)UP_BACKOFF_FIRST_MS << (recent - 1);
+    c->restart_at_ms = now + (delay < UP_BACKOFF_MAX_MS ? delay : UP_BACKOFF_MAX_MS);
+    return true;
+}
+
+/* Says why up stops: c is in a crash loop. */
+static void crash_loop(const struct up_child *c, int code)
+{
+    PW_LOG_ERROR("event=crash_loop name=%s exits=%u window_s=%d", c->name, c->exits,
+                 UP_CRASH_WINDOW_MS / 1000);
+    fprintf(stderr,
+            "parkway up: %s exited %d times within %d s (last status %d); giving up and "
+            "stopping the stack\n",
+            c->name, UP_CRASH_LIMIT + 1, UP_CRASH_WINDOW_MS / 1000, code);
+}
+
+/* The earliest pending restart, or 0. */
+static uint64_t next_restart_ms(const struct up *up)
+{
+    uint64_t t = 0;
+    for (int i = 0; i < up->n_children; i++) {
+        uint64_t r = up->children[i].restart_at_ms;
+        if (r && (!t || r < t))
+            t = r;
+    }
+    return t;
+}
+
+/* Starts every child whose restart is due. A fork that fails counts as an exit. */
+static bool restart_due(struct up *up, uint64_t now)
+{
+    for (int i = 0; i < up->n_children; i++) {
+        struct up_child *c = &up->children[i];
+        if (!c->restart_at_ms || c->restart_at_ms > now)
+            continue;
+        c->restart_at_ms = 0;
+        if (child_exec(c) != PW_OK) {
+            PW_LOG_ERROR("event=child_restart_failed name=%s errno=%d", c->name, errno);
+            if (!child_exited(c, now)) {
+                crash_loop(c, 127);
+                return false;
+            }
+            continue;
+        }
+        PW_LOG_WARN("event=child_restarted name=%s pid=%d exits=%u recent=%u", c->name, (int)c->pid,
+                    c->exits, c->recent);
+    }
+    return true;
 }
 
 /* Stops children newest first: SIGTERM, up to 15 s to drain, then SIGKILL. */
@@ -304,45 +417,59 @@ int parkway_cmd_up(int argc, char **argv)
                                           : redis_only ? "not started (--redis-only)"
                                                        : "not built yet");
     printf("  env file         %s/env\n", up.opts.state_dir);
+    printf("  supervision      a child that exits is restarted (%d exits in %d s: stop)\n",
+           UP_CRASH_LIMIT + 1, UP_CRASH_WINDOW_MS / 1000);
     printf("Ctrl-C stops the stack.\n");
     fflush(stdout);
 
     for (;;) {
-        int sig = sigwaitinfo(&sigs, NULL);
+        uint64_t due = next_restart_ms(&up), now = pw_clock_mono_ms();
+        int sig;
+        if (due) {
+            uint64_t wait = due > now ? due - now : 0;
+            struct timespec ts = {(time_t)(wait / 1000), (long)(wait % 1000) * 1000000L};
+            sig = sigtimedwait(&sigs, NULL, &ts);
+        } else {
+            sig = sigwaitinfo(&sigs, NULL);
+        }
         if (sig == SIGINT || sig == SIGTERM) {
             PW_LOG_INFO("event=stopping signal=%d", sig);
             rc = 0;
             break;
         }
-        if (sig == SIGCHLD) {
-            int status;
-            pid_t pid;
-            bool died = false;
-            while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-                for (int i = 0; i < up.n_children; i++) {
-                    if (up.children[i].pid == pid) {
-                        PW_LOG_ERROR("event=child_exited name=%s pid=%d status=%d",
-                                     up.children[i].name, (int)pid,
-                                     WIFEXITED(status) ? WEXITSTATUS(status)
-                                                       : 128 + WTERMSIG(status));
-                        up.children[i].pid = 0;
-                        died = true;
-                    }
+        now = pw_clock_mono_ms();
+        bool loop = false;
+        int status;
+        pid_t pid;
+        while (!loop && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            for (int i = 0; i < up.n_children; i++) {
+                struct up_child *c = &up.children[i];
+                if (c->pid != pid)
+                    continue;
+                int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+                PW_LOG_ERROR("event=child_exited name=%s pid=%d status=%d", c->name, (int)pid,
+                             code);
+                if (!child_exited(c, now)) {
+                    crash_loop(c, code);
+                    loop = true;
                 }
-            }
-            if (died) {
-                rc = 1;
                 break;
             }
         }
+        if (loop || !restart_due(&up, now)) {
+            rc = 1;
+            break;
+        }
     }
     stop_all(&up);
+    up_deinit(&up);
     pw_spec_set_deinit(&specs);
     return rc;
 
 fail:
     fprintf(stderr, "parkway up: %s\n", err[0] ? err : pw_err_desc(e));
     stop_all(&up);
+    up_deinit(&up);
     pw_spec_set_deinit(&specs);
     return e ? pw_err_exit_code(e) : 1;
 }

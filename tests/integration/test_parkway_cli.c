@@ -2,7 +2,8 @@
  * Integration tests of the `parkway` CLI as a real process: `fn validate` exit codes and
  * one-line errors, and `parkway up` starting its own redis-server, registering the specs,
  * storing only the key's hash, writing <state>/env, reusing the key on a second run and
- * stopping cleanly on SIGTERM.
+ * stopping cleanly on SIGTERM; its supervision: a killed redis-server or router is started
+ * again (Redis with its AOF data), and a child that keeps dying stops the stack with exit 1.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,10 +12,12 @@
 #include <cmocka.h>
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,8 +113,10 @@ static void test_unknown_command_is_exit_2(void **state)
 /* The running `parkway up`, killed by the teardown if a test fails half-way. */
 static pid_t up_pid = -1;
 
-/* Starts `parkway up`; waits until it prints that it is up (its last start-up step). */
-static pid_t start_up(const char *state_dir, int redis_port, int router_port)
+/* Starts `parkway up`; waits until it prints that it is up (its last start-up step).
+ * full: with the router and scaler (else --redis-only); stderr goes to log (NULL: dropped). */
+static pid_t start_up_with(const char *state_dir, int redis_port, int router_port, bool full,
+                           const char *log)
 {
     char rp[16], hp[16];
     snprintf(rp, sizeof rp, "%d", redis_port);
@@ -123,12 +128,11 @@ static pid_t start_up(const char *state_dir, int redis_port, int router_port)
     if (pid == 0) {
         dup2(po[1], 1);
         close(po[0]);
-        int null = open("/dev/null", O_WRONLY);
-        dup2(null, 2);
-        /* The router and scaler are not part of this test: it checks up's own steps. */
+        int errfd =
+            log ? open(log, O_WRONLY | O_CREAT | O_APPEND, 0644) : open("/dev/null", O_WRONLY);
+        dup2(errfd, 2);
         char *argv[] = {PARKWAY,
                         "up",
-                        "--redis-only",
                         "--state-dir",
                         (char *)state_dir,
                         "--functions",
@@ -137,6 +141,7 @@ static pid_t start_up(const char *state_dir, int redis_port, int router_port)
                         rp,
                         "--port",
                         hp,
+                        full ? NULL : "--redis-only",
                         NULL};
         execv(argv[0], argv);
         _exit(127);
@@ -159,6 +164,12 @@ static pid_t start_up(const char *state_dir, int redis_port, int router_port)
     if (!strstr(buf, "parkway is up"))
         fail_msg("parkway up did not come up; it printed: %s", buf);
     return pid;
+}
+
+/* The router and scaler are not part of most tests: they check up's own steps. */
+static pid_t start_up(const char *state_dir, int redis_port, int router_port)
+{
+    return start_up_with(state_dir, redis_port, router_port, false, NULL);
 }
 
 static int teardown_up(void **state)
@@ -254,6 +265,231 @@ static void test_up_registers_and_reuses_key(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+/* ---- supervision ------------------------------------------------------------------- */
+
+/* A child of parent whose command name is comm (from /proc), other than not_pid; -1 if none. */
+static pid_t child_of(pid_t parent, const char *comm, pid_t not_pid)
+{
+    DIR *d = opendir("/proc");
+    assert_non_null(d);
+    pid_t found = -1;
+    struct dirent *de;
+    while (found < 0 && (de = readdir(d))) {
+        char *end;
+        long pid = strtol(de->d_name, &end, 10);
+        if (*end || pid <= 0 || pid == not_pid)
+            continue;
+        char path[64], buf[512];
+        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        char *open_p = strchr(buf, '('), *close_p = strrchr(buf, ')');
+        if (!open_p || !close_p)
+            continue;
+        *close_p = '\0';
+        char state_c;
+        int ppid;
+        if (sscanf(close_p + 2, "%c %d", &state_c, &ppid) == 2 && ppid == parent &&
+            strcmp(open_p + 1, comm) == 0 && state_c != 'Z')
+            found = (pid_t)pid;
+    }
+    closedir(d);
+    return found;
+}
+
+/* Waits up to timeout_ms for child_of(parent, comm, not_pid); fails the test if none. */
+static pid_t wait_child(pid_t parent, const char *comm, pid_t not_pid, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 50) {
+        pid_t p = child_of(parent, comm, not_pid);
+        if (p > 0)
+            return p;
+        pw_test_sleep_ms(50);
+    }
+    fail_msg("no %s child of %d (other than %d) after %d ms", comm, (int)parent, (int)not_pid,
+             timeout_ms);
+    return -1;
+}
+
+/* Connects to the Redis on port, retrying up to timeout_ms (it may be restarting). */
+static redisContext *redis_wait(int port, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+        redisContext *c = redisConnect("127.0.0.1", port);
+        if (c && !c->err) {
+            redisReply *r = redisCommand(c, "PING");
+            bool ok = r && r->type == REDIS_REPLY_STATUS;
+            freeReplyObject(r);
+            if (ok)
+                return c;
+        }
+        redisFree(c);
+        pw_test_sleep_ms(100);
+    }
+    fail_msg("redis on port %d does not answer", port);
+    return NULL;
+}
+
+/* The HTTP status of GET path on the router, -1 when it does not answer. */
+static int http_get_status(int port, const char *path, const char *key)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int status = -1;
+    char req[1024], resp[256];
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0)
+        goto out;
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+                     "Connection: close\r\n\r\n",
+                     path, key);
+    if (write(fd, req, (size_t)n) != n)
+        goto out;
+    ssize_t got = read(fd, resp, sizeof resp - 1);
+    if (got <= 0)
+        goto out;
+    resp[got] = '\0';
+    if (sscanf(resp, "HTTP/1.%*d %d", &status) != 1)
+        status = -1;
+out:
+    close(fd);
+    return status;
+}
+
+static int wait_http_200(int port, const char *path, const char *key, int timeout_ms)
+{
+    int st = -1;
+    for (int waited = 0; waited < timeout_ms && st != 200; waited += 100) {
+        st = http_get_status(port, path, key);
+        if (st != 200)
+            pw_test_sleep_ms(100);
+    }
+    return st;
+}
+
+static bool file_contains(const char *path, const char *needle)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return strstr(buf, needle) != NULL;
+}
+
+static void test_up_restarts_killed_redis_with_its_data(void **state)
+{
+    (void)state;
+    if (access("/usr/bin/redis-server", X_OK) != 0)
+        skip();
+    char dir[] = "/tmp/pw-up-test-XXXXXX", log[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(log, sizeof log, "%s.log", dir);
+    int redis_port = pw_test_free_port(), router_port = pw_test_free_port();
+    pid_t up = start_up_with(dir, redis_port, router_port, false, log);
+
+    redisContext *c = redis_wait(redis_port, 5000);
+    redisReply *r = redisCommand(c, "SET pw:test:marker kept");
+    freeReplyObject(r);
+    redisFree(c);
+    pid_t redis = wait_child(up, "redis-server", -1, 5000);
+    assert_int_equal(kill(redis, SIGKILL), 0);
+
+    /* A new redis-server, under the same up, with what the AOF held. */
+    wait_child(up, "redis-server", redis, 5000);
+    c = redis_wait(redis_port, 10000);
+    r = redisCommand(c, "GET pw:test:marker");
+    assert_int_equal(r->type, REDIS_REPLY_STRING);
+    assert_string_equal(r->str, "kept");
+    freeReplyObject(r);
+    r = redisCommand(c, "HEXISTS pw:functions smollm2-135m");
+    assert_int_equal(r->integer, 1);
+    freeReplyObject(r);
+    redisFree(c);
+    assert_int_equal(waitpid(up, NULL, WNOHANG), 0); /* up is still running */
+    stop_up(up);
+    assert_true(file_contains(log, "event=child_restarted name=redis"));
+
+    char cmd[1100];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", dir, log);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_up_restarts_killed_router(void **state)
+{
+    (void)state;
+    if (access("/usr/bin/redis-server", X_OK) != 0 ||
+        access(PW_BINARY_DIR "/router/parkway-router", X_OK) != 0 ||
+        access(PW_BINARY_DIR "/scaler/parkway-scaler", X_OK) != 0)
+        skip();
+    char dir[] = "/tmp/pw-up-test-XXXXXX", log[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(log, sizeof log, "%s.log", dir);
+    int redis_port = pw_test_free_port(), router_port = pw_test_free_port();
+    /* The whole stack; no request for a model is made, so the scaler starts no engine. */
+    pid_t up = start_up_with(dir, redis_port, router_port, true, log);
+    char key[512], base[512];
+    read_env_key(dir, key, sizeof key, base, sizeof base);
+    assert_int_equal(wait_http_200(router_port, "/v1/models", key, 10000), 200);
+
+    pid_t router = wait_child(up, "parkway-router", -1, 5000);
+    assert_int_equal(kill(router, SIGKILL), 0);
+    wait_child(up, "parkway-router", router, 5000);
+    assert_int_equal(wait_http_200(router_port, "/v1/models", key, 10000), 200);
+    assert_int_equal(waitpid(up, NULL, WNOHANG), 0);
+    stop_up(up);
+    assert_true(file_contains(log, "event=child_restarted name=router"));
+
+    char cmd[1100];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", dir, log);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_up_crash_loop_stops_the_stack(void **state)
+{
+    (void)state;
+    if (access("/usr/bin/redis-server", X_OK) != 0)
+        skip();
+    char dir[] = "/tmp/pw-up-test-XXXXXX", log[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(log, sizeof log, "%s.log", dir);
+    int redis_port = pw_test_free_port(), router_port = pw_test_free_port();
+    pid_t up = start_up_with(dir, redis_port, router_port, false, log);
+
+    /* Six exits within a minute: five restarts (0.25 + 0.5 + 1 + 2 + 4 s apart), then up
+     * gives up, stops the rest and exits 1. */
+    pid_t redis = -1;
+    for (int i = 0; i < 6; i++) {
+        redis = wait_child(up, "redis-server", redis, 15000);
+        assert_int_equal(kill(redis, SIGKILL), 0);
+    }
+    int status = 0;
+    pid_t r = 0;
+    for (int waited = 0; waited < 20000 && r == 0; waited += 50) {
+        r = waitpid(up, &status, WNOHANG);
+        if (r == 0)
+            pw_test_sleep_ms(50);
+    }
+    assert_int_equal(r, up);
+    up_pid = -1;
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 1);
+    assert_true(file_contains(log, "giving up and stopping the stack"));
+    assert_true(file_contains(log, "event=crash_loop name=redis"));
+
+    char cmd[1100];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", dir, log);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void test_up_bad_spec_dir_is_exit_2(void **state)
 {
     (void)state;
@@ -274,6 +510,9 @@ int main(void)
         cmocka_unit_test(test_fn_validate_bad_is_exit_2_one_line),
         cmocka_unit_test(test_unknown_command_is_exit_2),
         cmocka_unit_test_teardown(test_up_registers_and_reuses_key, teardown_up),
+        cmocka_unit_test_teardown(test_up_restarts_killed_redis_with_its_data, teardown_up),
+        cmocka_unit_test_teardown(test_up_restarts_killed_router, teardown_up),
+        cmocka_unit_test_teardown(test_up_crash_loop_stops_the_stack, teardown_up),
         cmocka_unit_test(test_up_bad_spec_dir_is_exit_2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
