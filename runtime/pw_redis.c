@@ -35,7 +35,6 @@
 
 #include <event2/event.h>
 #include <hiredis/async.h>
-#include <hiredis/adapters/libevent.h>
 
 #include "pw_clock.h"
 #include "pw_log.h"
@@ -662,13 +661,128 @@ static void conn_lost(struct conn *c, enum pw_err err, const char *reason)
     arm_timer(c, delay);
 }
 
-/* Replaces redisLibeventCleanup: the one notice that a context is being freed. */
+/* ---- event-loop adapter ----------------------------------------------------------------
+ * Replaces hiredis's libevent adapter, which costs about four epoll_ctl calls per command: its
+ * read event is not persistent (removed when it fires, added back by hiredis) and every
+ * command adds write interest, waits a loop turn for EPOLLOUT, then removes it. Here the read
+ * event is persistent, and a command's write is attempted from a user event activated on the
+ * same loop turn (all commands issued by one callback go out in one write); write interest
+ * on the socket is only taken while connecting or after a short write. */
+struct ev_adapter {
+    redisAsyncContext *context;
+    struct event *rev;  /* EV_READ | EV_PERSIST */
+    struct event *wev;  /* EV_WRITE, one shot: connect completion, socket buffer full */
+    struct event *kick; /* no fd: write now, later on this loop turn */
+    bool reading;
+    bool writing; /* inside a write attempt: "write more" means wait for EPOLLOUT */
+};
+
+static void ev_handle_write(struct ev_adapter *e)
+{
+    e->writing = (e->context->c.flags & REDIS_CONNECTED) != 0;
+    redisAsyncHandleWrite(e->context); /* may free e (cleanup_hook) */
+}
+
+static void ev_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct ev_adapter *e = arg;
+    redisAsyncHandleRead(e->context);
+}
+
+static void ev_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    ev_handle_write(arg);
+}
+
+static void ev_add_read(void *privdata)
+{
+    struct ev_adapter *e = privdata;
+    if (!e->reading && event_add(e->rev, NULL) == 0)
+        e->reading = true;
+}
+
+static void ev_del_read(void *privdata)
+{
+    struct ev_adapter *e = privdata;
+    if (e->reading) {
+        event_del(e->rev);
+        e->reading = false;
+    }
+}
+
+static void ev_add_write(void *privdata)
+{
+    struct ev_adapter *e = privdata;
+    if (!(e->context->c.flags & REDIS_CONNECTED) || e->writing) {
+        e->writing = false;
+        if (!event_pending(e->wev, EV_WRITE, NULL))
+            event_add(e->wev, NULL);
+        return;
+    }
+    if (!event_pending(e->wev, EV_WRITE, NULL))
+        event_active(e->kick, EV_WRITE, 1); /* no-op while already active */
+}
+
+static void ev_del_write(void *privdata)
+{
+    struct ev_adapter *e = privdata;
+    e->writing = false;
+    if (event_pending(e->wev, EV_WRITE, NULL))
+        event_del(e->wev);
+}
+
+static void ev_cleanup(void *privdata)
+{
+    struct ev_adapter *e = privdata;
+    event_free(e->rev);
+    event_free(e->wev);
+    event_free(e->kick); /* also takes it off the active queue */
+    free(e);
+}
+
+static int ev_attach(redisAsyncContext *ac, struct event_base *base)
+{
+    if (ac->ev.data)
+        return REDIS_ERR;
+    struct ev_adapter *e = calloc(1, sizeof *e);
+    if (!e)
+        return REDIS_ERR;
+    e->context = ac;
+    e->rev = event_new(base, ac->c.fd, EV_READ | EV_PERSIST, ev_read_cb, e);
+    e->wev = event_new(base, ac->c.fd, EV_WRITE, ev_write_cb, e);
+    e->kick = event_new(base, -1, 0, ev_write_cb, e);
+    if (!e->rev || !e->wev || !e->kick) {
+        if (e->rev)
+            event_free(e->rev);
+        if (e->wev)
+            event_free(e->wev);
+        if (e->kick)
+            event_free(e->kick);
+        free(e);
+        return REDIS_ERR;
+    }
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
+    ac->ev.cleanup = ev_cleanup;
+    ac->ev.data = e;
+    ev_add_read(e);
+    event_add(e->wev, NULL); /* connect completion */
+    return REDIS_OK;
+}
+
+/* Replaces ev_cleanup: the one notice that a context is being freed. */
 static void cleanup_hook(void *privdata)
 {
-    redisLibeventEvents *e = privdata;
+    struct ev_adapter *e = privdata;
     redisAsyncContext *ac = e->context;
     struct conn *c = ac->data;
-    redisLibeventCleanup(e);
+    ev_cleanup(e);
     if (!c)
         return; /* orphaned by destroy */
     ac->data = NULL;
@@ -780,7 +894,7 @@ static void conn_start(struct conn *c)
         return;
     }
     pw_redis_reader_install_caps(ac->c.reader);
-    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
+    if (ev_attach(ac, r->base) != REDIS_OK) {
         redisAsyncFree(ac);
         conn_lost(c, PW_ERR_INTERNAL, "cannot attach to the event loop");
         return;
