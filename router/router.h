@@ -68,6 +68,14 @@ struct router_fn {
     uint64_t used_ms;           /* mono ms of the last call queued for it; 0 = none */
     uint64_t woken_ms;          /* mono ms of the last PUBLISH pw:wake for it */
     bool looking;               /* an HGETALL pw:{fn}:workers is in flight */
+    /* The queue's backlog as the last probe (the enqueue script in probe mode, once per tick
+     * while in use) saw it, and this worker's XADDs since: while far below --max-queue a
+     * call is queued with a plain XADD instead of the script. */
+    uint64_t backlog;
+    uint64_t backlog_ms;   /* mono ms of that probe's answer; 0 = none */
+    uint32_t adds;         /* plain XADDs since the probe was sent */
+    uint32_t adds_at_send; /* adds when the probe in flight was sent */
+    bool probing;          /* a probe is in flight */
 };
 
 #define ROUTER_KEY_CACHE 256 /* entries per worker thread */

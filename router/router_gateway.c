@@ -46,6 +46,7 @@
 #define QUEUE_WAIT_DEFAULT_MS 60000 /* a spec without max_queue_wait_ms (pw_spec's default) */
 #define FN_STATE_MAX_AGE_MS 2500    /* a look at pw:{fn}:workers older than this is unknown */
 #define FN_ACTIVE_MS 60000          /* functions used this recently are looked at every tick */
+#define BACKLOG_MAX_AGE_MS 2500     /* an older probe does not allow a plain XADD */
 #define WORKER_FRESH_MS 10000       /* a READY heartbeat older than this does not count */
 #define WAKE_MIN_MS 500             /* at most one PUBLISH pw:wake per function and thread */
 #define QUEUE_FULL_RETRY_S 1        /* Retry-After of a queue-full 503 */
@@ -62,10 +63,14 @@
  * count the backlog = lag (never delivered) + pending (delivered, not acknowledged), or the
  * trimmed XLEN when Redis cannot tell the lag (entries deleted with XDEL). Answers the new
  * id, or the backlog as an integer when it is full: nothing accepted is ever dropped.
+ * Probe mode (ARGV[4] empty): trim and count as above, whatever XLEN is, and answer the
+ * backlog without adding anything (0 for a stream that does not exist yet).
  */
 static const char ENQUEUE_LUA[] =
     "local q, limit = KEYS[1], tonumber(ARGV[1])\n"
-    "if limit > 0 and redis.call('XLEN', q) >= limit then\n"
+    "local probe = ARGV[4] == ''\n"
+    "if probe and redis.call('EXISTS', q) == 0 then return 0 end\n"
+    "if probe or (limit > 0 and redis.call('XLEN', q) >= limit) then\n"
     "  local backlog\n"
     "  for _, g in ipairs(redis.call('XINFO', 'GROUPS', q)) do\n"
     "    local f = {}\n"
@@ -78,7 +83,7 @@ static const char ENQUEUE_LUA[] =
     "    end\n"
     "  end\n"
     "  backlog = backlog or redis.call('XLEN', q)\n"
-    "  if backlog >= limit then return backlog end\n"
+    "  if probe or backlog >= limit then return backlog end\n"
     "end\n"
     "return redis.call('XADD', q, '*', ARGV[3], ARGV[4])\n";
 
@@ -701,6 +706,58 @@ out:
     call_unref(c);
 }
 
+/* Room for a plain XADD: a fresh probe and this router's adds since (each worker counted
+ * as adding as many as this one) keep the backlog under half the bound. So one router
+ * never passes --max-queue; several can pass it by what the others add within a probe's
+ * age, and the script's exact check takes over from half the bound. */
+static bool backlog_has_room(const struct router_fn *fn, const struct router *rt)
+{
+    if (!fn->backlog_ms || pw_clock_mono_ms() - fn->backlog_ms > BACKLOG_MAX_AGE_MS)
+        return false;
+    uint64_t est = fn->backlog + (uint64_t)fn->adds * rt->n_workers;
+    return est * 2 < rt->cfg.max_queue;
+}
+
+static void on_probe(struct pw_redis *r, const redisReply *reply, enum pw_err err,
+                     const char *errstr, void *ud)
+{
+    (void)r;
+    (void)errstr;
+    struct look_ctx *lc = ud;
+    struct router_fn *fn = err == PW_ERR_CANCELLED ? NULL : fn_find(lc->w, lc->name);
+    if (fn) {
+        fn->probing = false;
+        /* NOSCRIPT or an error: no fresh probe, so calls take the script (which reloads). */
+        if (!err && reply && reply->type == REDIS_REPLY_INTEGER && reply->integer >= 0) {
+            fn->backlog = (uint64_t)reply->integer;
+            fn->backlog_ms = pw_clock_mono_ms();
+            fn->adds = fn->adds > fn->adds_at_send ? fn->adds - fn->adds_at_send : 0;
+        }
+    }
+    free(lc);
+}
+
+static void probe_backlog(struct router_worker *w, struct router_fn *fn)
+{
+    struct router *rt = w->rt;
+    char qkey[PW_KEY_MAX];
+    if (fn->probing || rt->cfg.max_queue == 0 || pw_key_queue(qkey, sizeof qkey, fn->name))
+        return;
+    struct look_ctx *lc = malloc(sizeof *lc);
+    if (!lc)
+        return;
+    lc->w = w;
+    snprintf(lc->name, sizeof lc->name, "%s", fn->name);
+    const char *argv[] = {"EVALSHA",        rt->enqueue_sha, "1", qkey, rt->max_queue_arg,
+                          PW_GROUP_ENGINES, PW_STREAM_FIELD, ""};
+    if (pw_redis_command_argv(w->redis, 8, argv, NULL, on_probe, lc) == PW_OK) {
+        fn->probing = true;
+        fn->adds_at_send = fn->adds;
+    } else {
+        free(lc);
+    }
+}
+
 static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
                              struct router_openai_error *e)
 {
@@ -730,8 +787,12 @@ static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
     *op = (struct enqueue_op){c, part, eval};
     enum pw_err pe;
     c->refs++;
-    if (rt->cfg.max_queue == 0) {
-        /* Unbounded: a plain XADD, without the script's cost in Redis. */
+    struct router_fn *fn = rt->cfg.max_queue ? fn_find(c->w, c->model) : NULL;
+    if (rt->cfg.max_queue == 0 || (!eval && fn && backlog_has_room(fn, rt))) {
+        /* Unbounded, or far below the bound: a plain XADD, without the script's cost in
+         * Redis (about 3.5 us of its CPU per request). */
+        if (fn)
+            fn->adds++;
         const char *argv[] = {"XADD", qkey, "*", PW_STREAM_FIELD, (const char *)data};
         size_t lens[] = {4, strlen(qkey), 1, sizeof PW_STREAM_FIELD - 1, len};
         pe = pw_redis_command_argv(c->w->redis, 5, argv, lens, on_enqueued, op);
@@ -1340,8 +1401,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         refresh_functions(w);
     /* Engines of the functions in use, so a call knows whether to wake the scaler. */
     for (size_t i = 0; i < w->n_fns; i++)
-        if (w->fns[i].used_ms && now - w->fns[i].used_ms < FN_ACTIVE_MS)
+        if (w->fns[i].used_ms && now - w->fns[i].used_ms < FN_ACTIVE_MS) {
             look_workers(w, &w->fns[i]);
+            probe_backlog(w, &w->fns[i]);
+        }
     for (unsigned b = 0; b < ROUTER_CALLS_BUCKETS; b++) {
         struct router_call *c = w->calls[b];
         while (c) {

@@ -150,6 +150,9 @@ struct conn {
     bool tls;
     bool dead;     /* being torn down; freed by the kick event */
     bool upgraded; /* llhttp saw an Upgrade: no more HTTP after this request */
+    /* Plain TCP writes straight from the kick event (conn_flush); the bufferevent's write
+     * event is enabled only while a short write left output behind. */
+    bool write_armed;
     enum conn_state state;
     llhttp_t parser;
     struct event *timer; /* header / body / idle / linger deadline, by state */
@@ -1288,12 +1291,58 @@ static void conn_free(struct conn *c)
         event_base_loopexit(w->base, NULL);
 }
 
+static void write_cb(struct bufferevent *bev, void *arg);
+
+/* Output was added on a plain connection: write it later on this loop turn (one write for
+ * everything a callback queued) instead of enabling the bufferevent's write event, which
+ * costs two epoll_ctl calls and a loop turn per response. */
+static void out_added_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    (void)buf;
+    struct conn *c = arg;
+    if (info->n_added && !c->dead && !c->write_armed)
+        conn_schedule(c);
+}
+
+static void conn_flush(struct conn *c)
+{
+    struct evbuffer *o = bufferevent_get_output(c->bev);
+    if (c->write_armed || evbuffer_get_length(o) == 0)
+        return;
+    while (evbuffer_get_length(o) > 0) {
+        /* The socket bufferevent freezes its output's front between its own writes. */
+        evbuffer_unfreeze(o, 1);
+        int n = evbuffer_write(o, c->fd);
+        int saved = errno;
+        evbuffer_freeze(o, 1);
+        errno = saved;
+        if (n > 0 || (n < 0 && errno == EINTR))
+            continue;
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            conn_kill(c); /* as a failed bufferevent write would */
+            return;
+        }
+        break;
+    }
+    if (evbuffer_get_length(o) > 0) {
+        c->write_armed = true; /* the bufferevent writes the rest, under the write timeout */
+        bufferevent_enable(c->bev, EV_WRITE);
+    } else {
+        write_cb(c->bev, c);
+    }
+}
+
 static void kick_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct conn *c = arg;
     if (c->dead) {
         conn_free(c);
         return;
+    }
+    if (!c->tls) {
+        conn_flush(c);
+        if (c->dead)
+            return; /* conn_kill scheduled the teardown */
     }
     if (c->state == C_HANDLER && c->req && c->req->resp == RESP_DONE) {
         struct router_req *r = c->req;
@@ -1342,6 +1391,10 @@ static void read_cb(struct bufferevent *bev, void *arg)
 static void write_cb(struct bufferevent *bev, void *arg)
 {
     struct conn *c = arg;
+    if (c->write_armed && out_len(c) == 0) {
+        c->write_armed = false;
+        bufferevent_disable(bev, EV_WRITE);
+    }
     if (!c->dead && c->state == C_CLOSING && out_len(c) == 0)
         conn_closing_flushed(c);
     struct router_req *r = c->req;
@@ -1477,7 +1530,12 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     struct timeval wt = {srv->cfg.write_timeout_ms / 1000,
                          (srv->cfg.write_timeout_ms % 1000) * 1000};
     bufferevent_set_timeouts(c->bev, NULL, &wt);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    if (c->tls) {
+        bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    } else {
+        bufferevent_enable(c->bev, EV_READ);
+        evbuffer_add_cb(bufferevent_get_output(c->bev), out_added_cb, c);
+    }
     c->state = C_IDLE;
     arm_timer(c, srv->cfg.header_timeout_ms);
     c->next = w->conns;
