@@ -38,6 +38,7 @@ struct slot {
     uint32_t n_gen;
     uint32_t max_tokens; /* generated tokens allowed */
     bool ignore_eos;
+    bool background; /* batch lane: yields to foreground sequences */
     bool cancel;
     bool ever_admitted;
     struct engine_kv_seq kv;
@@ -235,6 +236,7 @@ enum pw_err engine_sched_submit(struct engine_sched *s, const struct engine_seq_
     uint32_t room = s->n_ctx - p->n_prompt;
     sl->max_tokens = (p->max_tokens == 0 || p->max_tokens > room) ? room : p->max_tokens;
     sl->ignore_eos = p->ignore_eos;
+    sl->background = p->background;
     sl->cancel = false;
     sl->ever_admitted = false;
     sl->userdata = p->userdata;
@@ -258,6 +260,14 @@ uint32_t engine_sched_active(const struct engine_sched *s)
     uint32_t n = 0;
     for (uint32_t i = 0; i < s->opts.max_batch; i++)
         n += s->slots[i].state != SLOT_FREE;
+    return n;
+}
+
+uint32_t engine_sched_background(const struct engine_sched *s)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->opts.max_batch; i++)
+        n += s->slots[i].state != SLOT_FREE && s->slots[i].background;
     return n;
 }
 
@@ -330,12 +340,14 @@ static void preempt(struct engine_sched *s, struct slot *sl)
 {
     engine_kv_seq_reset(s->pool, &sl->kv);
     sl->n_computed = 0;
+    sl->chunk = 0; /* a row it got earlier in this step is dropped with its blocks */
     sl->state = SLOT_PENDING;
     s->stats.preemptions++;
     PW_LOG_DEBUG("event=preempt seq=%llu tokens=%u", (unsigned long long)sl->id, sl->n_tokens);
 }
 
-/* The youngest running slot other than keep that holds KV blocks, or NULL. */
+/* The youngest running slot other than keep that holds KV blocks, background ones first
+ * (any background slot goes before any foreground one), or NULL. */
 static struct slot *youngest_running(struct engine_sched *s, const struct slot *keep)
 {
     struct slot *best = NULL;
@@ -343,10 +355,23 @@ static struct slot *youngest_running(struct engine_sched *s, const struct slot *
         struct slot *sl = &s->slots[i];
         if (sl == keep || sl->state != SLOT_RUNNING || sl->kv.n_blocks == 0)
             continue;
-        if (!best || sl->order > best->order)
+        if (!best || (sl->background && !best->background) ||
+            (sl->background == best->background && sl->order > best->order))
             best = sl;
     }
     return best;
+}
+
+/* True when a foreground slot waits for its first token: pending (never admitted) or
+ * reading its prompt for the first time. */
+static bool foreground_waiting(const struct engine_sched *s)
+{
+    for (uint32_t i = 0; i < s->opts.max_batch; i++) {
+        const struct slot *sl = &s->slots[i];
+        if (sl->state != SLOT_FREE && !sl->background && !sl->cancel && sl->n_gen == 0)
+            return true;
+    }
+    return false;
 }
 
 /* Tries to admit a pending slot: needs room for every known token (plus one to generate). */
@@ -456,18 +481,27 @@ uint32_t engine_sched_step(struct engine_sched *s)
     if (n_slots == 0)
         return 0;
 
-    /* 1. Generating sequences first: one row each; preempt the youngest when out of blocks. */
+    /* A foreground sequence waiting for its first token: this step is foreground only
+     * (background slots keep their state and skip it). */
+    bool fg_only = foreground_waiting(s);
+again:;
+
+    /* 1. Generating sequences first: one row each; preempt the youngest when out of blocks
+     * (a background one before any foreground one). */
     uint32_t budget = s->opts.max_tok;
+    for (uint32_t i = 0; i < n_slots; i++)
+        order[i]->chunk = 0;
     for (uint32_t i = 0; i < n_slots; i++) {
         struct slot *sl = order[i];
-        sl->chunk = 0;
-        if (sl->state != SLOT_RUNNING || sl->n_tokens - sl->n_computed != 1 || budget == 0)
+        if (sl->state != SLOT_RUNNING || sl->n_tokens - sl->n_computed != 1 || budget == 0 ||
+            (fg_only && sl->background))
             continue;
         enum pw_err e;
         while ((e = engine_kv_seq_reserve(s->pool, &sl->kv, 1)) == PW_ERR_AGAIN) {
             struct slot *victim = youngest_running(s, sl);
-            if (!victim || victim->order < sl->order) {
-                victim = sl; /* everyone older needs the blocks more */
+            if (!victim || (victim->background == sl->background && victim->order < sl->order) ||
+                (sl->background && !victim->background)) {
+                victim = sl; /* everyone older (or foreground) needs the blocks more */
             }
             preempt(s, victim);
             if (victim == sl)
@@ -478,15 +512,30 @@ uint32_t engine_sched_step(struct engine_sched *s)
             budget--;
         }
     }
-    /* 2. Admit waiting sequences, oldest first, while blocks last. */
+    /* 2. Admit waiting sequences, oldest first, while blocks last (foreground ones only in
+     * a foreground step). */
     for (uint32_t i = 0; i < n_slots; i++) {
-        if (order[i]->state == SLOT_PENDING && !admit(s, order[i]))
+        if (fg_only && order[i]->background)
+            continue;
+        if (order[i]->state != SLOT_PENDING)
+            continue;
+        bool in = admit(s, order[i]);
+        /* A foreground sequence takes blocks from background ones (which sit this step
+         * out, so nothing of this step is lost). */
+        while (!in && !order[i]->background) {
+            struct slot *victim = youngest_running(s, order[i]);
+            if (!victim || !victim->background || victim->chunk > 0)
+                break;
+            preempt(s, victim);
+            in = admit(s, order[i]);
+        }
+        if (!in)
             break;
     }
     /* 3. Prefill chunks with the remaining row budget. */
     for (uint32_t i = 0; i < n_slots && budget > 0; i++) {
         struct slot *sl = order[i];
-        if (sl->state != SLOT_RUNNING || sl->chunk > 0)
+        if (sl->state != SLOT_RUNNING || sl->chunk > 0 || (fg_only && sl->background))
             continue;
         uint32_t left = sl->n_tokens - sl->n_computed;
         uint32_t chunk = left < budget ? left : budget;
@@ -510,8 +559,15 @@ uint32_t engine_sched_step(struct engine_sched *s)
         add_rows(s, sl, n_seq, sl->chunk, &n_rows, &n_logits);
         n_seq++;
     }
+    if (n_rows == 0 && fg_only) {
+        /* Nothing foreground could run (no blocks yet): an ordinary step instead. */
+        fg_only = false;
+        goto again;
+    }
     if (n_rows == 0)
         return 0;
+    if (fg_only && engine_sched_background(s) > 0)
+        s->stats.foreground_steps++;
     struct kernel_batch b = {
         .n_tok = n_rows,
         .tokens = s->b_tokens,

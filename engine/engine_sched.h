@@ -15,6 +15,11 @@
  *     later. Nothing fails for lack of blocks unless one sequence alone does not fit.
  *   - Sampling is per slot with the request's own seeded PRNG, so a sequence's tokens do
  *     not depend on what else is in the batch.
+ *   - Background sequences (the batch lane) yield to foreground ones: while a foreground
+ *     sequence waits for its first token (pending, or reading its prompt), a step holds
+ *     foreground rows only, so its first token costs a small step, not a full batch step;
+ *     background sequences simply skip those steps. Out of KV blocks, a background
+ *     sequence is preempted before any foreground one.
  *
  * There is no waiting queue here: submit fails with PW_ERR_AGAIN when every slot is busy,
  * and the caller keeps the work where it was (the Redis stream is the queue).
@@ -52,6 +57,7 @@ struct engine_seq_params {
     const struct engine_stop_str *stops; /* copied at submit */
     uint32_t n_stops;
     bool ignore_eos; /* keep going past end-of-generation tokens (benchmarks) */
+    bool background; /* batch-lane work: yields to foreground sequences (see below) */
     void *userdata;  /* handed back in callbacks; owned by the caller */
 };
 
@@ -86,7 +92,8 @@ struct engine_sched_stats {
     uint64_t prompt_tokens;    /* prompt (and recomputed) tokens run through the model */
     uint64_t generated_tokens; /* tokens sampled */
     uint64_t preemptions;
-    uint64_t cached_tokens; /* prompt tokens reused from the prefix cache */
+    uint64_t cached_tokens;    /* prompt tokens reused from the prefix cache */
+    uint64_t foreground_steps; /* steps that left background sequences out */
 };
 
 struct engine_sched;
@@ -111,7 +118,8 @@ void engine_sched_cancel(struct engine_sched *s, uint64_t seq_id);
 /* Runs one batch; returns the number of token rows computed (0 = nothing to do). */
 uint32_t engine_sched_step(struct engine_sched *s);
 
-uint32_t engine_sched_active(const struct engine_sched *s); /* busy slots */
+uint32_t engine_sched_active(const struct engine_sched *s);     /* busy slots */
+uint32_t engine_sched_background(const struct engine_sched *s); /* busy background slots */
 uint32_t engine_sched_free_slots(const struct engine_sched *s);
 const struct engine_sched_stats *engine_sched_stats(const struct engine_sched *s);
 /* KV blocks in total and free (free includes cached-prefix blocks). */

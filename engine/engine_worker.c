@@ -9,9 +9,12 @@
  *      heartbeating (XAUTOCLAIM); they run again with attempt = deliveries - 1;
  *   3. with free slots and not draining or parking: XREADGROUP on the interactive stream
  *      pw:{fn}:q; only when it has nothing, on the batch lane pw:{fn}:b, leaving one slot
- *      free for interactive work (when max_batch > 1); blocking up to PW_WORKER_BLOCK_MS
- *      on both only when idle;
- *   4. check cancel flags (pw:cancel:{id}) and deadlines of what runs;
+ *      free for interactive work (when max_batch > 1) and within the batch-lane cap
+ *      (a step budget, PW_WORKER_BATCH_STEP_MS); blocking up to PW_WORKER_BLOCK_MS on both
+ *      only when idle. Batch-lane requests run as background sequences: a new interactive
+ *      request gets its first token from a step without their rows (engine_sched.h);
+ *   4. deadlines of what runs, and its cancel flags (pw:cancel:{id}: one pipelined round
+ *      trip, at most every PW_WORKER_CANCEL_EVERY_MS, at once after a new request);
  *   5. one scheduler step; its callbacks queue ReplyChunks (XADD to each reply_to);
  *   6. flush the pipeline; XACK each request after its last chunk is written.
  * SIGTERM/SIGINT: stop reading, finish what runs, remove the heartbeat, exit 0.
@@ -63,6 +66,16 @@
 #define PW_WORKER_MAX_CHOICES 8
 /* XREADGROUP BLOCK while idle: also the longest a park waits for the read to end. */
 #define PW_WORKER_BLOCK_MS "250"
+/* Cancel flags are read from Redis at most this often (deadlines are checked every step). */
+#define PW_WORKER_CANCEL_EVERY_MS 20
+/* Budget of a step that holds only batch-lane rows, ms (PARKWAY_BATCH_STEP_MS overrides;
+ * 0 = none: batch lines may hold max_batch - 1 slots). An interactive request that arrives
+ * mid-step waits for the step to end, so the budget bounds that wait; on a CPU a step's
+ * time grows with its rows, so the budget caps the batch lane's slots (and trades some of
+ * its throughput: bench/bench_batch measures both). On a GPU steps are short and the cap
+ * stays at max_batch - 1. */
+#define PW_WORKER_BATCH_STEP_MS 16
+#define PW_WORKER_BATCH_ADJUST_MS 250 /* how often the batch-lane cap moves by one */
 
 struct worker;
 struct worker_req;
@@ -110,6 +123,14 @@ struct worker {
     uint64_t last_tokens; /* for the tokens/s of the heartbeat */
     uint64_t last_hb_ms;
     float tokens_per_s;
+    uint64_t last_cancel_ms; /* mono ms of the last cancel-flag read */
+    bool cancel_due;         /* a request was taken since: read flags at the next check */
+    /* Batch-lane cap: slots batch lines may hold, moved so that a step of batch rows only
+     * stays within batch_step_ms (0 = no budget: max_batch - 1 slots). */
+    uint32_t batch_step_ms;
+    uint32_t batch_cap;
+    double batch_step_ema_ms; /* steps with batch rows only; 0 = none seen yet */
+    uint64_t batch_adjust_ms;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -478,6 +499,7 @@ static void submit_choices(struct worker *w, struct worker_req *q)
             .n_prompt = q->n_prompt,
             .max_tokens = q->sp.max_tokens,
             .ignore_eos = q->sp.ignore_eos,
+            .background = q->stream == w->key_b,
             .userdata = ch,
         };
         engine_sampler_params_default(&p.sampling);
@@ -582,6 +604,7 @@ static void take_entry(struct worker *w, const char *stream, const struct pw_str
     }
     q->next = w->reqs;
     w->reqs = q;
+    w->cancel_due = true;
     PW_LOG_DEBUG("event=request_taken request=%s attempt=%u prompt_tokens=%u n=%u", msg->id,
                  attempt, q->n_prompt, q->n_choices);
 }
@@ -658,11 +681,48 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
 }
 
 /* Batch-lane entries this worker may take now: the free slots minus one kept for
- * interactive work (none kept when the engine has a single slot). */
+ * interactive work (none kept when the engine has a single slot), and no more than the
+ * batch-lane cap allows beside the batch lines already running. */
 static uint32_t batch_room(const struct worker *w, uint32_t free_slots)
 {
     uint32_t keep = w->e->opts.max_batch > 1 ? 1 : 0;
-    return free_slots > keep ? free_slots - keep : 0;
+    uint32_t room = free_slots > keep ? free_slots - keep : 0;
+    uint32_t bg = engine_sched_background(w->e->sched);
+    uint32_t cap_room = w->batch_cap > bg ? w->batch_cap - bg : 0;
+    return room < cap_room ? room : cap_room;
+}
+
+/* After a step that took step_ms: keeps an average of steps holding batch rows only and
+ * moves the cap by one every PW_WORKER_BATCH_ADJUST_MS, down (to max_batch / 4 at least)
+ * while such steps exceed the budget, up while they stay under 70% of it and the lane uses
+ * its whole cap. */
+static void batch_cap_update(struct worker *w, double step_ms)
+{
+    uint32_t max_cap = w->e->opts.max_batch > 1 ? w->e->opts.max_batch - 1 : 1;
+    if (w->batch_step_ms == 0) {
+        w->batch_cap = max_cap;
+        return;
+    }
+    uint32_t bg = engine_sched_background(w->e->sched);
+    if (bg == 0 || engine_sched_active(w->e->sched) != bg)
+        return; /* only steps of batch rows alone tell what a batch step costs */
+    w->batch_step_ema_ms =
+        w->batch_step_ema_ms > 0 ? 0.8 * w->batch_step_ema_ms + 0.2 * step_ms : step_ms;
+    uint64_t now = pw_clock_mono_ms();
+    if (now - w->batch_adjust_ms < PW_WORKER_BATCH_ADJUST_MS)
+        return;
+    w->batch_adjust_ms = now;
+    uint32_t old = w->batch_cap;
+    /* Floor: a quarter of the slots, so that CPU contention from other processes (which
+     * slows every step) cannot starve the lane down to one line at a time. */
+    uint32_t min_cap = w->e->opts.max_batch / 4 ? w->e->opts.max_batch / 4 : 1;
+    if (w->batch_step_ema_ms > (double)w->batch_step_ms && w->batch_cap > min_cap)
+        w->batch_cap--;
+    else if (w->batch_step_ema_ms < 0.7 * (double)w->batch_step_ms && bg >= w->batch_cap &&
+             w->batch_cap < max_cap)
+        w->batch_cap++;
+    if (w->batch_cap != old)
+        PW_LOG_DEBUG("event=batch_cap cap=%u step_ms=%.1f", w->batch_cap, w->batch_step_ema_ms);
 }
 
 /* Entries idle past PW_WORKER_STALE_MS belong to a worker that stopped heartbeating. */
@@ -772,9 +832,42 @@ static uint32_t read_new(struct worker *w, const char *stream, uint32_t room, bo
     return taken;
 }
 
-/* Cancel flags and deadlines of what runs: one pipelined EXISTS per request. */
+/* Ends every choice of q with ENGINE_FINISH_CANCELLED (at the next step when running). */
+static void cancel_req(struct worker *w, struct worker_req *q)
+{
+    for (uint32_t i = 0; i < q->n_choices && !q->done; i++) {
+        struct worker_choice *ch = &q->choices[i];
+        if (ch->finished)
+            continue;
+        if (ch->seq_id) {
+            engine_sched_cancel(w->e->sched, ch->seq_id);
+        } else {
+            /* never started: end it here with the same reason */
+            struct engine_seq_usage u = {.prompt_tokens = q->n_prompt};
+            on_finish(ch, 0, ENGINE_FINISH_CANCELLED, "", 0, &u);
+        }
+    }
+}
+
+/* Deadlines of what runs (every call) and cancel flags: one pipelined EXISTS per request,
+ * one round trip, at most every PW_WORKER_CANCEL_EVERY_MS (at once after a new request). */
 static void check_cancels(struct worker *w)
 {
+    uint64_t mono = pw_clock_mono_ms();
+    bool query = w->cancel_due || mono - w->last_cancel_ms >= PW_WORKER_CANCEL_EVERY_MS;
+    if (!query) {
+        int64_t now = pw_clock_wall_ms();
+        for (struct worker_req *q = w->reqs; q; q = q->next) {
+            if (q->done || !q->msg->deadline_unix_ms || now <= q->msg->deadline_unix_ms)
+                continue;
+            q->deadline_hit = true;
+            PW_LOG_INFO("event=request_cancelled request=%s reason=deadline", q->msg->id);
+            cancel_req(w, q);
+        }
+        return;
+    }
+    w->cancel_due = false;
+    w->last_cancel_ms = mono;
     uint32_t n = 0;
     for (struct worker_req *q = w->reqs; q; q = q->next) {
         if (q->done)
@@ -819,18 +912,7 @@ static void check_cancels(struct worker *w)
         q->deadline_hit = late && !cancel;
         PW_LOG_INFO("event=request_cancelled request=%s reason=%s", q->msg->id,
                     cancel ? "client" : "deadline");
-        for (uint32_t i = 0; i < q->n_choices; i++) {
-            struct worker_choice *ch = &q->choices[i];
-            if (ch->finished)
-                continue;
-            if (ch->seq_id) {
-                engine_sched_cancel(w->e->sched, ch->seq_id);
-            } else {
-                /* never started: end it here with the same reason */
-                struct engine_seq_usage u = {.prompt_tokens = q->n_prompt};
-                on_finish(ch, 0, ENGINE_FINISH_CANCELLED, "", 0, &u);
-            }
-        }
+        cancel_req(w, q);
     }
 }
 
@@ -956,6 +1038,11 @@ int engine_worker_run(struct engine *e)
             PW_LOG_ERROR("event=redis_error op=XGROUP reply=%s", r->str);
         freeReplyObject(r);
     }
+    w.batch_step_ms = PW_WORKER_BATCH_STEP_MS;
+    const char *bsm = getenv("PARKWAY_BATCH_STEP_MS");
+    if (bsm && *bsm)
+        w.batch_step_ms = (uint32_t)strtoul(bsm, NULL, 10);
+    w.batch_cap = e->opts.max_batch > 1 ? e->opts.max_batch - 1 : 1;
     w.started_ms = pw_clock_wall_ms();
     PW_LOG_INFO("event=worker_ready function=%s worker=%s stream=%s slots=%u", w.fn, w.worker_id,
                 w.key_q, e->opts.max_batch);
@@ -1031,8 +1118,11 @@ int engine_worker_run(struct engine *e)
             if (!q->done)
                 submit_choices(&w, q);
         check_cancels(&w);
-        if (engine_sched_active(e->sched) > 0)
+        if (engine_sched_active(e->sched) > 0) {
+            uint64_t t0 = pw_clock_mono_ns();
             engine_sched_step(e->sched);
+            batch_cap_update(&w, (double)(pw_clock_mono_ns() - t0) / 1e6);
+        }
         flush_pipeline(&w);
         reap(&w);
         if (draining && !w.reqs)

@@ -4,7 +4,8 @@
  * and sampled, with prefill chunks of 7 and 256 rows), preemption under a KV pool too small
  * for everyone (same tokens as alone), prefix reuse (cached_tokens > 0, same tokens as
  * without the cache), max_tokens and context limits (finish length), stop strings and
- * cancellation.
+ * cancellation; background (batch-lane) sequences yielding to foreground ones (first-token
+ * steps of foreground rows only, background preempted first).
  *
  * Each case loads its own engine (engine_load; a tiny model loads in milliseconds) so the
  * prefix cache of one run never serves another unless the case wants it to.
@@ -98,6 +99,7 @@ struct req {
     uint64_t seed;
     const char *stop; /* one stop string or NULL */
     bool honour_eos;
+    bool background; /* batch-lane sequence */
 };
 
 static void make_prompt(const struct req *r, int32_t *ids)
@@ -120,6 +122,7 @@ static void submit(struct engine *e, const struct req *r, struct out *o)
         .stops = r->stop ? &st : NULL,
         .n_stops = r->stop ? 1 : 0,
         .ignore_eos = !r->honour_eos,
+        .background = r->background,
         .userdata = o,
     };
     engine_sampler_params_default(&p.sampling);
@@ -282,6 +285,95 @@ static void test_preemption_completes_with_same_tokens(void **state)
         assert_int_equal(together[i].finish, ENGINE_FINISH_LENGTH);
         assert_same_tokens(&alone[i], &together[i], "preempted vs alone", i);
     }
+}
+
+/* ---- background (batch-lane) sequences -------------------------------------------------- */
+
+/* A foreground sequence joining running background ones gets its first token from a step of
+ * its own rows (background ones sit it out), then everyone goes on; tokens are unchanged. */
+static void test_foreground_first_token_skips_background(void **state)
+{
+    (void)state;
+    struct req bg[4], fg = {.which = 90, .n_prompt = 25, .max_tokens = 10, .seed = 9};
+    struct out bg_alone[4], fg_alone, bg_out[4], fg_out;
+    for (uint32_t i = 0; i < 4; i++) {
+        bg[i] = (struct req){.which = 80 + i,
+                             .n_prompt = 20,
+                             .max_tokens = 30,
+                             .temperature = i % 2 ? 0.8f : 0.0f,
+                             .seed = 40 + i,
+                             .background = true};
+        run_alone(&bg[i], 64, &bg_alone[i]);
+    }
+    run_alone(&fg, 64, &fg_alone);
+    struct engine e;
+    eng_open(&e, 5, 64, 0, 0);
+    for (uint32_t i = 0; i < 4; i++)
+        submit(&e, &bg[i], &bg_out[i]);
+    for (int i = 0; i < 3; i++)
+        engine_sched_step(e.sched);
+    assert_int_equal(engine_sched_background(e.sched), 4);
+    uint32_t before[4];
+    for (uint32_t i = 0; i < 4; i++) {
+        assert_true(bg_out[i].n_tok > 0); /* all generating */
+        before[i] = bg_out[i].n_tok;
+    }
+    submit(&e, &fg, &fg_out);
+    engine_sched_step(e.sched);
+    assert_int_equal(fg_out.n_tok, 1); /* first token after one step */
+    for (uint32_t i = 0; i < 4; i++)
+        assert_int_equal(bg_out[i].n_tok, before[i]); /* sat the step out */
+    assert_int_equal(engine_sched_stats(e.sched)->foreground_steps, 1);
+    engine_sched_step(e.sched);
+    assert_int_equal(fg_out.n_tok, 2);
+    for (uint32_t i = 0; i < 4; i++)
+        assert_int_equal(bg_out[i].n_tok, before[i] + 1); /* back in the batch */
+    run_to_end(&e);
+    assert_int_equal(engine_sched_stats(e.sched)->foreground_steps, 1);
+    engine_unload(&e);
+    for (uint32_t i = 0; i < 4; i++)
+        assert_same_tokens(&bg_alone[i], &bg_out[i], "background", 80 + i);
+    assert_same_tokens(&fg_alone, &fg_out, "foreground", 90);
+}
+
+/* Out of KV blocks, background sequences give theirs up before a foreground one does, even a
+ * younger foreground one; every sequence still ends with its own tokens. */
+static void test_foreground_preempts_background_first(void **state)
+{
+    (void)state;
+    /* 40 + 60 tokens need 7 blocks of 16; the pool of 14 holds two such sequences. */
+    struct req bg[2], fg = {.which = 102, .n_prompt = 40, .max_tokens = 60, .seed = 5};
+    struct out bg_alone[2], fg_alone, bg_out[2], fg_out;
+    for (uint32_t i = 0; i < 2; i++) {
+        bg[i] = (struct req){
+            .which = 100 + i, .n_prompt = 40, .max_tokens = 60, .seed = 50 + i, .background = true};
+        run_alone(&bg[i], 32, &bg_alone[i]);
+    }
+    run_alone(&fg, 32, &fg_alone);
+    struct engine e;
+    eng_open(&e, 3, 32, 0, 14);
+    for (uint32_t i = 0; i < 2; i++)
+        submit(&e, &bg[i], &bg_out[i]);
+    for (int i = 0; i < 6; i++)
+        engine_sched_step(e.sched);
+    submit(&e, &fg, &fg_out);
+    int steps = 0;
+    while (!fg_out.done) {
+        assert_true(steps++ < 1000);
+        engine_sched_step(e.sched);
+    }
+    /* The foreground sequence ran its 60 tokens in about as many steps, never preempted. */
+    assert_true(steps <= 64);
+    assert_false(bg_out[0].done && bg_out[1].done);
+    assert_true(engine_sched_stats(e.sched)->preemptions > 0);
+    run_to_end(&e);
+    uint32_t total, free_;
+    engine_sched_kv_blocks(e.sched, &total, &free_);
+    assert_int_equal(free_, total);
+    engine_unload(&e);
+    for (uint32_t i = 0; i < 2; i++)
+        assert_same_tokens(&bg_alone[i], &bg_out[i], "preempted background", 100 + i);
+    assert_same_tokens(&fg_alone, &fg_out, "foreground", 102);
 }
 
 /* ---- prefix reuse ---------------------------------------------------------------------- */
@@ -501,6 +593,8 @@ int main(void)
         cmocka_unit_test(test_batch_invariance_temperature),
         cmocka_unit_test(test_late_join_same_tokens),
         cmocka_unit_test(test_preemption_completes_with_same_tokens),
+        cmocka_unit_test(test_foreground_first_token_skips_background),
+        cmocka_unit_test(test_foreground_preempts_background_first),
         cmocka_unit_test(test_prefix_reuse),
         cmocka_unit_test(test_max_tokens_gives_length),
         cmocka_unit_test(test_context_limit_gives_length),
