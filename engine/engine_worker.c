@@ -76,6 +76,10 @@
  * stays at max_batch - 1. */
 #define PW_WORKER_BATCH_STEP_MS 16
 #define PW_WORKER_BATCH_ADJUST_MS 250 /* how often the batch-lane cap moves by one */
+/* The cap holds only while interactive work is around: with no interactive request taken
+ * for this long, batch lines may use max_batch - 1 slots (there is no one to keep steps
+ * short for; the first interactive request brings the cap back at once). */
+#define PW_WORKER_INTERACTIVE_RECENT_MS 5000
 
 struct worker;
 struct worker_req;
@@ -131,6 +135,7 @@ struct worker {
     uint32_t batch_cap;
     double batch_step_ema_ms; /* steps with batch rows only; 0 = none seen yet */
     uint64_t batch_adjust_ms;
+    uint64_t interactive_ms; /* mono ms an interactive request was last submitted; 0 = never */
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -502,6 +507,8 @@ static void submit_choices(struct worker *w, struct worker_req *q)
             .background = q->stream == w->key_b,
             .userdata = ch,
         };
+        if (!p.background)
+            w->interactive_ms = pw_clock_mono_ms();
         engine_sampler_params_default(&p.sampling);
         p.sampling.temperature = q->sp.temperature;
         p.sampling.top_p = q->sp.top_p;
@@ -680,23 +687,32 @@ static void heartbeat(struct worker *w, Parkway__WorkerState state)
     }
 }
 
+static bool interactive_recent(const struct worker *w)
+{
+    return w->interactive_ms &&
+           pw_clock_mono_ms() - w->interactive_ms < PW_WORKER_INTERACTIVE_RECENT_MS;
+}
+
 /* Batch-lane entries this worker may take now: the free slots minus one kept for
  * interactive work (none kept when the engine has a single slot), and no more than the
- * batch-lane cap allows beside the batch lines already running. */
+ * batch-lane cap allows beside the batch lines already running (the cap only while
+ * interactive work is around). */
 static uint32_t batch_room(const struct worker *w, uint32_t free_slots)
 {
     uint32_t keep = w->e->opts.max_batch > 1 ? 1 : 0;
     uint32_t room = free_slots > keep ? free_slots - keep : 0;
     uint32_t bg = engine_sched_background(w->e->sched);
-    uint32_t cap_room = w->batch_cap > bg ? w->batch_cap - bg : 0;
+    uint32_t cap = interactive_recent(w) ? w->batch_cap : w->e->opts.max_batch;
+    uint32_t cap_room = cap > bg ? cap - bg : 0;
     return room < cap_room ? room : cap_room;
 }
 
-/* After a step that took step_ms: keeps an average of steps holding batch rows only and
+/* After a step that took step_ms: keeps an average of decode steps holding batch rows only
+ * (a step that also read prompt rows says little about the steady state: it is left out) and
  * moves the cap by one every PW_WORKER_BATCH_ADJUST_MS, down (to max_batch / 4 at least)
  * while such steps exceed the budget, up while they stay under 70% of it and the lane uses
  * its whole cap. */
-static void batch_cap_update(struct worker *w, double step_ms)
+static void batch_cap_update(struct worker *w, double step_ms, bool prefill)
 {
     uint32_t max_cap = w->e->opts.max_batch > 1 ? w->e->opts.max_batch - 1 : 1;
     if (w->batch_step_ms == 0) {
@@ -704,8 +720,9 @@ static void batch_cap_update(struct worker *w, double step_ms)
         return;
     }
     uint32_t bg = engine_sched_background(w->e->sched);
-    if (bg == 0 || engine_sched_active(w->e->sched) != bg)
-        return; /* only steps of batch rows alone tell what a batch step costs */
+    if (bg == 0 || engine_sched_active(w->e->sched) != bg || prefill || !interactive_recent(w))
+        return; /* only decode steps of batch rows alone, while the cap applies, tell what
+                   a batch step costs */
     w->batch_step_ema_ms =
         w->batch_step_ema_ms > 0 ? 0.8 * w->batch_step_ema_ms + 0.2 * step_ms : step_ms;
     uint64_t now = pw_clock_mono_ms();
@@ -1120,8 +1137,10 @@ int engine_worker_run(struct engine *e)
         check_cancels(&w);
         if (engine_sched_active(e->sched) > 0) {
             uint64_t t0 = pw_clock_mono_ns();
+            uint64_t prompt0 = engine_sched_stats(e->sched)->prompt_tokens;
             engine_sched_step(e->sched);
-            batch_cap_update(&w, (double)(pw_clock_mono_ns() - t0) / 1e6);
+            batch_cap_update(&w, (double)(pw_clock_mono_ns() - t0) / 1e6,
+                             engine_sched_stats(e->sched)->prompt_tokens != prompt0);
         }
         flush_pipeline(&w);
         reap(&w);
