@@ -11,23 +11,25 @@
 #include "engine_model.h"
 #include "engine_tokenizer.h"
 #include "kernel.h"
-#ifdef PW_HAVE_CUDA
-#include "kernel_cuda.h"
-#endif
+#include "kernel_cuda_plugin.h"
 #include "pw_clock.h"
 #include "pw_log.h"
 
-/* CUDA when the function asks for a GPU and one is present; else the CPU, saying why. */
+/* CUDA when the function asks for a GPU and one is present; else the CPU, saying why. The
+ * CUDA backend is a module loaded only here (kernels/kernel_cuda_plugin.h). */
 static enum pw_err backend_create(const struct engine_opts *o, struct kernel_backend **be)
 {
     if (o->gpu) {
-#ifdef PW_HAVE_CUDA
-        if (kernel_cuda_device_count() > 0)
-            return kernel_cuda_create(NULL, be);
-        PW_LOG_WARN("event=engine_backend backend=cpu reason=no_cuda_device gpu_requested=1");
-#else
-        PW_LOG_WARN("event=engine_backend backend=cpu reason=built_without_cuda gpu_requested=1");
-#endif
+        char why[512];
+        const struct kernel_cuda_plugin *cuda = kernel_cuda_plugin_load(why, sizeof why);
+        if (cuda && cuda->device_count() > 0)
+            return cuda->create(NULL, be);
+        if (cuda)
+            PW_LOG_WARN("event=engine_backend backend=cpu reason=no_cuda_device gpu_requested=1");
+        else
+            PW_LOG_WARN("event=engine_backend backend=cpu reason=no_cuda_module gpu_requested=1 "
+                        "detail=\"%s\"",
+                        why);
     }
     return kernel_cpu_create(o->threads, be);
 }
