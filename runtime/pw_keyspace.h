@@ -35,7 +35,7 @@
 #define PW_GROUP_ENGINES "engines"      /* consumer group on pw:{fn}:q and pw:{fn}:b */
 #define PW_KEY_FUNCTIONS "pw:functions" /* hash: function name -> spec JSON (pw_spec_to_json) */
 /* The one field of every request and reply stream entry: a packed protobuf message
- * (InferenceRequest on pw:{fn}:q and pw:{fn}:b, ReplyChunk on pw:reply:{router}). */
+ * (InferenceRequest on pw:{fn}:q and pw:{fn}:b, ReplyChunk on pw:reply:{router}:{worker}). */
 #define PW_STREAM_FIELD "m"
 
 /* True when s is 1..PW_KEY_NAME_MAX bytes of [A-Za-z0-9._-]. */

@@ -29,6 +29,9 @@ static void test_key_builders(void **state)
     assert_string_equal(buf, "pw:{fn}:scale");
     assert_int_equal(pw_key_reply(buf, sizeof buf, "router-1"), PW_OK);
     assert_string_equal(buf, "pw:reply:{router-1}");
+    assert_int_equal(pw_key_reply_worker(buf, sizeof buf, "router-1", 3), PW_OK);
+    assert_string_equal(buf, "pw:reply:{router-1}:3");
+    assert_int_not_equal(pw_key_reply_worker(buf, sizeof buf, "bad id", 0), PW_OK);
     assert_int_equal(pw_key_cancel(buf, sizeof buf, "req_0123"), PW_OK);
     assert_string_equal(buf, "pw:cancel:{req_0123}");
     assert_int_equal(pw_key_batch(buf, sizeof buf, "batch_1"), PW_OK);
