@@ -2094,17 +2094,208 @@ static json_t *acc_choice(const struct oai_resp *r, size_t g)
     return c;
 }
 
-enum pw_err router_openai_acc_render(struct router_openai_acc *acc, char **body, size_t *len,
-                                     int *status)
+/* ---- hand-written JSON for the common non-stream answer ------------------------------
+ * jansson builds a tree of allocated nodes and then prints it: about a sixth of the
+ * router's CPU per request went there. Without logprobs the answer has a fixed shape, so it
+ * is written directly, byte for byte as json_dumps(OAI_DUMP_FLAGS) would print the tree
+ * acc_choice builds (same key order, jansson's escapes, and jstr_lossy's repair of bad
+ * UTF-8); tests/unit/router/test_router_openai.c checks both against each other. */
+
+struct jw {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+static void jw_raw(struct jw *w, const char *s, size_t n)
 {
-    const struct oai_resp *r = &acc->r;
-    *body = NULL;
-    if (!r->finished)
-        return PW_ERR_INVAL;
-    if (r->failed) {
-        *status = r->error.status;
-        return router_openai_error_json(&r->error, body, len);
+    if (w->oom)
+        return;
+    if (w->len + n + 1 > w->cap) {
+        size_t cap = w->cap ? w->cap : 512;
+        while (cap < w->len + n + 1)
+            cap *= 2;
+        char *q = realloc(w->p, cap);
+        if (!q) {
+            w->oom = true;
+            return;
+        }
+        w->p = q;
+        w->cap = cap;
     }
+    memcpy(w->p + w->len, s, n);
+    w->len += n;
+    w->p[w->len] = '\0';
+}
+
+#define JW_LIT(w, lit) jw_raw((w), (lit), sizeof(lit) - 1)
+
+static void jw_uint(struct jw *w, uint64_t v)
+{
+    char d[24];
+    size_t i = sizeof d;
+    do {
+        d[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    jw_raw(w, d + i, sizeof d - i);
+}
+
+/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
+ * surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    if (c < 0x80)
+        return 1;
+    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
+                  : (c >= 0xE0 && c < 0xF0) ? 3
+                  : (c >= 0xF0 && c < 0xF5) ? 4
+                                            : 0;
+    if (need == 0 || need > n)
+        return 0;
+    uint32_t cp = c & (0x7Fu >> need);
+    for (size_t k = 1; k < need; k++) {
+        if ((s[k] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[k] & 0x3Fu);
+    }
+    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return need;
+}
+
+static bool utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq(u + i, n - i);
+        if (k == 0)
+            return false;
+        i += k;
+    }
+    return true;
+}
+
+/* A JSON string as jansson prints it. Text that is not valid UTF-8 is repaired as
+ * jstr_lossy does (each bad byte, and then also NUL, becomes U+FFFD). */
+static void jw_str(struct jw *w, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    bool lossy = !utf8_valid(s, n);
+    JW_LIT(w, "\"");
+    size_t run = 0; /* start of bytes copied as they are */
+    for (size_t i = 0; i < n;) {
+        unsigned char c = u[i];
+        size_t k = c < 0x80 ? 1 : utf8_seq(u + i, n - i);
+        const char *esc = NULL;
+        char ubuf[8];
+        if (k == 0 || (lossy && c == 0)) {
+            esc = "\xEF\xBF\xBD";
+            k = 1;
+        } else if (c == '"') {
+            esc = "\\\"";
+        } else if (c == '\\') {
+            esc = "\\\\";
+        } else if (c < 0x20) {
+            switch (c) {
+            case '\b':
+                esc = "\\b";
+                break;
+            case '\f':
+                esc = "\\f";
+                break;
+            case '\n':
+                esc = "\\n";
+                break;
+            case '\r':
+                esc = "\\r";
+                break;
+            case '\t':
+                esc = "\\t";
+                break;
+            default:
+                snprintf(ubuf, sizeof ubuf, "\\u%04X", c);
+                esc = ubuf;
+            }
+        }
+        if (esc) {
+            jw_raw(w, s + run, i - run);
+            jw_raw(w, esc, strlen(esc));
+            run = i + k;
+        }
+        i += k;
+    }
+    jw_raw(w, s + run, n - run);
+    JW_LIT(w, "\"");
+}
+
+/* The non-stream answer without logprobs; false when it must go through jansson. */
+static bool acc_render_direct(const struct oai_resp *r, struct jw *w)
+{
+    bool chat = r->kind == ROUTER_OPENAI_CHAT;
+    if (r->logprobs || !utf8_valid(r->id, strlen(r->id)) ||
+        !utf8_valid(r->model, strlen(r->model)) ||
+        (r->fingerprint && !utf8_valid(r->fingerprint, strlen(r->fingerprint))))
+        return false;
+    JW_LIT(w, "{\"id\":");
+    jw_str(w, r->id, strlen(r->id));
+    if (chat)
+        JW_LIT(w, ",\"object\":\"chat.completion\",\"created\":");
+    else
+        JW_LIT(w, ",\"object\":\"text_completion\",\"created\":");
+    if (r->created < 0) {
+        JW_LIT(w, "-");
+        jw_uint(w, (uint64_t)0 - (uint64_t)r->created);
+    } else {
+        jw_uint(w, (uint64_t)r->created);
+    }
+    JW_LIT(w, ",\"model\":");
+    jw_str(w, r->model, strlen(r->model));
+    JW_LIT(w, ",\"system_fingerprint\":");
+    if (r->fingerprint)
+        jw_str(w, r->fingerprint, strlen(r->fingerprint));
+    else
+        JW_LIT(w, "null");
+    JW_LIT(w, ",\"choices\":[");
+    for (size_t g = 0; g < (size_t)r->n * r->n_parts; g++) {
+        const struct oai_choice *ch = &r->choices[g];
+        const char *text = ch->text.len > 0 ? ch->text.data : "";
+        if (g)
+            JW_LIT(w, ",");
+        if (chat) {
+            JW_LIT(w, "{\"index\":");
+            jw_uint(w, g);
+            JW_LIT(w, ",\"message\":{\"role\":\"assistant\",\"content\":");
+            jw_str(w, text, ch->text.len);
+            JW_LIT(w, ",\"refusal\":null}");
+        } else {
+            JW_LIT(w, "{\"text\":");
+            jw_str(w, text, ch->text.len);
+            JW_LIT(w, ",\"index\":");
+            jw_uint(w, g);
+        }
+        JW_LIT(w, ",\"logprobs\":null,\"finish_reason\":");
+        const char *fin = finish_name(ch->finish);
+        jw_str(w, fin, strlen(fin));
+        JW_LIT(w, "}");
+    }
+    JW_LIT(w, "],\"usage\":{\"prompt_tokens\":");
+    jw_uint(w, r->prompt_tokens);
+    JW_LIT(w, ",\"completion_tokens\":");
+    jw_uint(w, r->completion_tokens);
+    JW_LIT(w, ",\"total_tokens\":");
+    jw_uint(w, r->prompt_tokens + r->completion_tokens);
+    JW_LIT(w, ",\"prompt_tokens_details\":{\"cached_tokens\":");
+    jw_uint(w, r->cached_tokens);
+    JW_LIT(w, "}}}");
+    return true;
+}
+
+/* The jansson rendering of a finished answer (every shape; the reference for the above). */
+static enum pw_err acc_render_tree(const struct oai_resp *r, char **body, size_t *len)
+{
     bool chat = r->kind == ROUTER_OPENAI_CHAT;
     json_t *root = resp_head(r, chat ? "chat.completion" : "text_completion");
     json_t *choices = json_array();
@@ -2122,8 +2313,43 @@ enum pw_err router_openai_acc_render(struct router_openai_acc *acc, char **body,
         json_decref(root);
         return PW_ERR_NOMEM;
     }
-    *status = 200;
     return dump_take(root, body, len);
+}
+
+enum pw_err router_openai_acc_render_reference(struct router_openai_acc *acc, char **body,
+                                               size_t *len)
+{
+    *body = NULL;
+    if (!acc->r.finished || acc->r.failed)
+        return PW_ERR_INVAL;
+    return acc_render_tree(&acc->r, body, len);
+}
+
+enum pw_err router_openai_acc_render(struct router_openai_acc *acc, char **body, size_t *len,
+                                     int *status)
+{
+    const struct oai_resp *r = &acc->r;
+    *body = NULL;
+    if (!r->finished)
+        return PW_ERR_INVAL;
+    if (r->failed) {
+        *status = r->error.status;
+        return router_openai_error_json(&r->error, body, len);
+    }
+    *status = 200;
+    struct jw w = {0};
+    if (acc_render_direct(r, &w)) {
+        if (w.oom) {
+            free(w.p);
+            return PW_ERR_NOMEM;
+        }
+        *body = w.p;
+        if (len != NULL)
+            *len = w.len;
+        return PW_OK;
+    }
+    free(w.p);
+    return acc_render_tree(r, body, len);
 }
 
 /* ------------------------------------------------------------------------------------ */

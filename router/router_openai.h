@@ -186,6 +186,11 @@ enum pw_err router_openai_acc_add(struct router_openai_acc *acc, const Parkway__
  */
 enum pw_err router_openai_acc_render(struct router_openai_acc *acc, char **body, size_t *len,
                                      int *status);
+/* The same answer rendered through jansson trees (what acc_render does with logprobs): the
+ * reference the unit tests hold the direct writer to. PW_ERR_INVAL unless finished and not
+ * failed. *body malloc'd. */
+enum pw_err router_openai_acc_render_reference(struct router_openai_acc *acc, char **body,
+                                               size_t *len);
 
 /* Chunks dropped so far as duplicates or stale attempts (for metrics and tests). */
 uint64_t router_openai_acc_dropped(const struct router_openai_acc *acc);

@@ -1094,6 +1094,53 @@ static void test_acc_invalid_utf8_text(void **state)
     router_openai_acc_destroy(acc);
 }
 
+/* The direct writer (non-stream, no logprobs) prints exactly what the jansson tree does,
+ * escapes and UTF-8 repair included. */
+static void test_acc_direct_matches_reference(void **state)
+{
+    (void)state;
+    static const char *const texts[] = {
+        "plain",
+        "",
+        "quote\" back\\slash\n\t\r\b\f ctrl\x01\x1f del\x7f slash/",
+        "emoji \xf0\x9f\x98\x80 \xc3\xa9t\xc3\xa9",
+        "a\xff"
+        "b",
+        "overlong \xe0\x80\x80 surrogate \xed\xa0\x80 big \xf4\x90\x80\x80 cut \xc3",
+        "\xc0\xaf \xf8\x88\x80\x80\x80",
+    };
+    for (int kind = 0; kind < 2; kind++) {
+        for (int fp = 0; fp < 2; fp++) {
+            for (size_t t = 0; t < sizeof texts / sizeof texts[0]; t++) {
+                bool chat = kind == 0;
+                struct router_openai_resp rs = mkresp(
+                    chat ? ROUTER_OPENAI_CHAT : ROUTER_OPENAI_COMPLETION, 2, 1, false, false);
+                if (fp)
+                    rs.system_fingerprint = NULL;
+                struct router_openai_acc *acc = router_openai_acc_create(&rs);
+                assert_non_null(acc);
+                struct chunk_store s;
+                acc_feed(acc, mk(&s, "req1", 0, 0, 1, texts[t], F_LEN, false), false);
+                mk(&s, "req1", 0, 1, 0, texts[(t + 1) % 7], F_STOP, true);
+                with_usage(&s, 12, 345, 6);
+                acc_feed(acc, &s.c, true);
+                char *direct = NULL, *ref = NULL;
+                size_t dl = 0, rl = 0;
+                int status = 0;
+                assert_int_equal(router_openai_acc_render(acc, &direct, &dl, &status), PW_OK);
+                assert_int_equal(status, 200);
+                assert_int_equal(router_openai_acc_render_reference(acc, &ref, &rl), PW_OK);
+                assert_string_equal(direct, ref);
+                assert_int_equal(dl, rl);
+                assert_int_equal(strlen(direct), dl);
+                free(direct);
+                free(ref);
+                router_openai_acc_destroy(acc);
+            }
+        }
+    }
+}
+
 /* ---- streams ------------------------------------------------------------------------ */
 
 /*
@@ -1534,6 +1581,7 @@ int main(void)
         cmocka_unit_test(test_mutated_bodies),
         cmocka_unit_test(test_error_constructors),
         cmocka_unit_test(test_acc_chat),
+        cmocka_unit_test(test_acc_direct_matches_reference),
         cmocka_unit_test(test_acc_retry_restarts),
         cmocka_unit_test(test_acc_engine_error),
         cmocka_unit_test(test_acc_bad_chunks),
