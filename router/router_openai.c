@@ -1683,6 +1683,224 @@ static json_t *resp_head(const struct oai_resp *r, const char *object)
     return o;
 }
 
+/* ---- hand-written JSON for the common answers ----------------------------------------
+ * jansson builds a tree of allocated nodes and then prints it: about a sixth of the
+ * router's CPU per request went there. Without logprobs a non-stream answer and a stream
+ * event have a fixed shape, so they are written directly, byte for byte as
+ * json_dumps(OAI_DUMP_FLAGS) prints the trees built below (same key order, jansson's
+ * escapes, and jstr_lossy's repair of bad UTF-8); tests/unit/router/test_router_openai.c
+ * holds both to each other (router_openai_set_direct(false) selects the trees). */
+
+static bool g_direct = true;
+
+void router_openai_set_direct(bool on)
+{
+    g_direct = on;
+}
+
+struct jw {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+static void jw_raw(struct jw *w, const char *s, size_t n)
+{
+    if (w->oom)
+        return;
+    if (w->len + n + 1 > w->cap) {
+        size_t cap = w->cap ? w->cap : 512;
+        while (cap < w->len + n + 1)
+            cap *= 2;
+        char *q = realloc(w->p, cap);
+        if (!q) {
+            w->oom = true;
+            return;
+        }
+        w->p = q;
+        w->cap = cap;
+    }
+    memcpy(w->p + w->len, s, n);
+    w->len += n;
+    w->p[w->len] = '\0';
+}
+
+#define JW_LIT(w, lit) jw_raw((w), (lit), sizeof(lit) - 1)
+
+static void jw_uint(struct jw *w, uint64_t v)
+{
+    char d[24];
+    size_t i = sizeof d;
+    do {
+        d[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    jw_raw(w, d + i, sizeof d - i);
+}
+
+/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
+ * surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    if (c < 0x80)
+        return 1;
+    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
+                  : (c >= 0xE0 && c < 0xF0) ? 3
+                  : (c >= 0xF0 && c < 0xF5) ? 4
+                                            : 0;
+    if (need == 0 || need > n)
+        return 0;
+    uint32_t cp = c & (0x7Fu >> need);
+    for (size_t k = 1; k < need; k++) {
+        if ((s[k] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[k] & 0x3Fu);
+    }
+    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return need;
+}
+
+static bool utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq(u + i, n - i);
+        if (k == 0)
+            return false;
+        i += k;
+    }
+    return true;
+}
+
+/* A JSON string as jansson prints it. Text that is not valid UTF-8 is repaired as
+ * jstr_lossy does (each bad byte, and then also NUL, becomes U+FFFD). */
+static void jw_str(struct jw *w, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    bool lossy = !utf8_valid(s, n);
+    JW_LIT(w, "\"");
+    size_t run = 0; /* start of bytes copied as they are */
+    for (size_t i = 0; i < n;) {
+        unsigned char c = u[i];
+        size_t k = c < 0x80 ? 1 : utf8_seq(u + i, n - i);
+        const char *esc = NULL;
+        char ubuf[8];
+        if (k == 0 || (lossy && c == 0)) {
+            esc = "\xEF\xBF\xBD";
+            k = 1;
+        } else if (c == '"') {
+            esc = "\\\"";
+        } else if (c == '\\') {
+            esc = "\\\\";
+        } else if (c < 0x20) {
+            switch (c) {
+            case '\b':
+                esc = "\\b";
+                break;
+            case '\f':
+                esc = "\\f";
+                break;
+            case '\n':
+                esc = "\\n";
+                break;
+            case '\r':
+                esc = "\\r";
+                break;
+            case '\t':
+                esc = "\\t";
+                break;
+            default:
+                snprintf(ubuf, sizeof ubuf, "\\u%04X", c);
+                esc = ubuf;
+            }
+        }
+        if (esc) {
+            jw_raw(w, s + run, i - run);
+            jw_raw(w, esc, strlen(esc));
+            run = i + k;
+        }
+        i += k;
+    }
+    jw_raw(w, s + run, n - run);
+    JW_LIT(w, "\"");
+}
+
+/* The head every answer and event starts with, without its closing brace. */
+static void jw_head(struct jw *w, const struct oai_resp *r, const char *object)
+{
+    JW_LIT(w, "{\"id\":");
+    jw_str(w, r->id, strlen(r->id));
+    JW_LIT(w, ",\"object\":");
+    jw_str(w, object, strlen(object));
+    JW_LIT(w, ",\"created\":");
+    if (r->created < 0) {
+        JW_LIT(w, "-");
+        jw_uint(w, (uint64_t)0 - (uint64_t)r->created);
+    } else {
+        jw_uint(w, (uint64_t)r->created);
+    }
+    JW_LIT(w, ",\"model\":");
+    jw_str(w, r->model, strlen(r->model));
+    JW_LIT(w, ",\"system_fingerprint\":");
+    if (r->fingerprint)
+        jw_str(w, r->fingerprint, strlen(r->fingerprint));
+    else
+        JW_LIT(w, "null");
+}
+
+/* Whether the direct writer may print r (the tree path refuses what jansson refuses). */
+static bool direct_ok(const struct oai_resp *r)
+{
+    return g_direct && utf8_valid(r->id, strlen(r->id)) && utf8_valid(r->model, strlen(r->model)) &&
+           (!r->fingerprint || utf8_valid(r->fingerprint, strlen(r->fingerprint)));
+}
+
+enum ev_body { EV_ROLE, EV_TEXT, EV_FINISH };
+
+/* One stream event without logprobs, as emit_choice(stream_choice(...)) prints it. */
+static enum pw_err emit_direct(const struct oai_resp *r, struct router_sse_buf *out, size_t g,
+                               enum ev_body body, const char *text, size_t len, const char *finish)
+{
+    bool chat = r->kind == ROUTER_OPENAI_CHAT;
+    struct jw w = {0};
+    JW_LIT(&w, "data: ");
+    jw_head(&w, r, chat ? "chat.completion.chunk" : "text_completion");
+    JW_LIT(&w, ",\"choices\":[{");
+    if (chat) {
+        JW_LIT(&w, "\"index\":");
+        jw_uint(&w, g);
+        if (body == EV_ROLE)
+            JW_LIT(&w, ",\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}");
+        else if (body == EV_FINISH)
+            JW_LIT(&w, ",\"delta\":{}");
+        else {
+            JW_LIT(&w, ",\"delta\":{\"content\":");
+            jw_str(&w, text, len);
+            JW_LIT(&w, "}");
+        }
+    } else {
+        JW_LIT(&w, "\"text\":");
+        jw_str(&w, body == EV_TEXT ? text : "", body == EV_TEXT ? len : 0);
+        JW_LIT(&w, ",\"index\":");
+        jw_uint(&w, g);
+    }
+    JW_LIT(&w, ",\"logprobs\":null,\"finish_reason\":");
+    if (finish)
+        jw_str(&w, finish, strlen(finish));
+    else
+        JW_LIT(&w, "null");
+    JW_LIT(&w, "}]");
+    if (r->include_usage)
+        JW_LIT(&w, ",\"usage\":null");
+    JW_LIT(&w, "}\n\n");
+    enum pw_err e = w.oom ? PW_ERR_NOMEM : router_sse_buf_append(out, w.p, w.len);
+    free(w.p);
+    return e;
+}
+
 static int dump_cb(const char *buf, size_t size, void *data)
 {
     return router_sse_buf_append(data, buf, size) == PW_OK ? 0 : -1;
@@ -1747,6 +1965,10 @@ static json_t *stream_choice(const struct oai_resp *r, size_t g, json_t *delta_o
 
 static enum pw_err ev_role(struct oai_resp *r, struct router_sse_buf *out, size_t g)
 {
+    if (direct_ok(r)) {
+        r->choices[g].started = true;
+        return emit_direct(r, out, g, EV_ROLE, NULL, 0, NULL);
+    }
     json_t *d = json_object();
     if (d == NULL || !jset(d, "role", jstr("assistant")) || !jset(d, "content", jstr("")) ||
         !jset(d, "refusal", json_null())) {
@@ -1765,6 +1987,8 @@ static enum pw_err ev_finish(struct oai_resp *r, struct router_sse_buf *out, siz
         if (e != PW_OK)
             return e;
     }
+    if (direct_ok(r))
+        return emit_direct(r, out, g, EV_FINISH, NULL, 0, finish_name(r->choices[g].finish));
     json_t *d = chat ? json_object() : jstr("");
     if (d == NULL)
         return PW_ERR_NOMEM;
@@ -1783,6 +2007,8 @@ static enum pw_err ev_content(struct oai_resp *r, struct router_sse_buf *out, si
         if (e != PW_OK)
             return e;
     }
+    if (!r->logprobs && direct_ok(r))
+        return emit_direct(r, out, g, EV_TEXT, len > 0 ? text : "", len, NULL);
     json_t *lp = NULL;
     if (r->logprobs) {
         if (chat) {
@@ -2094,170 +2320,13 @@ static json_t *acc_choice(const struct oai_resp *r, size_t g)
     return c;
 }
 
-/* ---- hand-written JSON for the common non-stream answer ------------------------------
- * jansson builds a tree of allocated nodes and then prints it: about a sixth of the
- * router's CPU per request went there. Without logprobs the answer has a fixed shape, so it
- * is written directly, byte for byte as json_dumps(OAI_DUMP_FLAGS) would print the tree
- * acc_choice builds (same key order, jansson's escapes, and jstr_lossy's repair of bad
- * UTF-8); tests/unit/router/test_router_openai.c checks both against each other. */
-
-struct jw {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-static void jw_raw(struct jw *w, const char *s, size_t n)
-{
-    if (w->oom)
-        return;
-    if (w->len + n + 1 > w->cap) {
-        size_t cap = w->cap ? w->cap : 512;
-        while (cap < w->len + n + 1)
-            cap *= 2;
-        char *q = realloc(w->p, cap);
-        if (!q) {
-            w->oom = true;
-            return;
-        }
-        w->p = q;
-        w->cap = cap;
-    }
-    memcpy(w->p + w->len, s, n);
-    w->len += n;
-    w->p[w->len] = '\0';
-}
-
-#define JW_LIT(w, lit) jw_raw((w), (lit), sizeof(lit) - 1)
-
-static void jw_uint(struct jw *w, uint64_t v)
-{
-    char d[24];
-    size_t i = sizeof d;
-    do {
-        d[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    jw_raw(w, d + i, sizeof d - i);
-}
-
-/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
- * surrogates, at most U+10FFFF), or 0. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
-                  : (c >= 0xE0 && c < 0xF0) ? 3
-                  : (c >= 0xF0 && c < 0xF5) ? 4
-                                            : 0;
-    if (need == 0 || need > n)
-        return 0;
-    uint32_t cp = c & (0x7Fu >> need);
-    for (size_t k = 1; k < need; k++) {
-        if ((s[k] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[k] & 0x3Fu);
-    }
-    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return need;
-}
-
-static bool utf8_valid(const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq(u + i, n - i);
-        if (k == 0)
-            return false;
-        i += k;
-    }
-    return true;
-}
-
-/* A JSON string as jansson prints it. Text that is not valid UTF-8 is repaired as
- * jstr_lossy does (each bad byte, and then also NUL, becomes U+FFFD). */
-static void jw_str(struct jw *w, const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    bool lossy = !utf8_valid(s, n);
-    JW_LIT(w, "\"");
-    size_t run = 0; /* start of bytes copied as they are */
-    for (size_t i = 0; i < n;) {
-        unsigned char c = u[i];
-        size_t k = c < 0x80 ? 1 : utf8_seq(u + i, n - i);
-        const char *esc = NULL;
-        char ubuf[8];
-        if (k == 0 || (lossy && c == 0)) {
-            esc = "\xEF\xBF\xBD";
-            k = 1;
-        } else if (c == '"') {
-            esc = "\\\"";
-        } else if (c == '\\') {
-            esc = "\\\\";
-        } else if (c < 0x20) {
-            switch (c) {
-            case '\b':
-                esc = "\\b";
-                break;
-            case '\f':
-                esc = "\\f";
-                break;
-            case '\n':
-                esc = "\\n";
-                break;
-            case '\r':
-                esc = "\\r";
-                break;
-            case '\t':
-                esc = "\\t";
-                break;
-            default:
-                snprintf(ubuf, sizeof ubuf, "\\u%04X", c);
-                esc = ubuf;
-            }
-        }
-        if (esc) {
-            jw_raw(w, s + run, i - run);
-            jw_raw(w, esc, strlen(esc));
-            run = i + k;
-        }
-        i += k;
-    }
-    jw_raw(w, s + run, n - run);
-    JW_LIT(w, "\"");
-}
-
 /* The non-stream answer without logprobs; false when it must go through jansson. */
 static bool acc_render_direct(const struct oai_resp *r, struct jw *w)
 {
     bool chat = r->kind == ROUTER_OPENAI_CHAT;
-    if (r->logprobs || !utf8_valid(r->id, strlen(r->id)) ||
-        !utf8_valid(r->model, strlen(r->model)) ||
-        (r->fingerprint && !utf8_valid(r->fingerprint, strlen(r->fingerprint))))
+    if (r->logprobs || !direct_ok(r))
         return false;
-    JW_LIT(w, "{\"id\":");
-    jw_str(w, r->id, strlen(r->id));
-    if (chat)
-        JW_LIT(w, ",\"object\":\"chat.completion\",\"created\":");
-    else
-        JW_LIT(w, ",\"object\":\"text_completion\",\"created\":");
-    if (r->created < 0) {
-        JW_LIT(w, "-");
-        jw_uint(w, (uint64_t)0 - (uint64_t)r->created);
-    } else {
-        jw_uint(w, (uint64_t)r->created);
-    }
-    JW_LIT(w, ",\"model\":");
-    jw_str(w, r->model, strlen(r->model));
-    JW_LIT(w, ",\"system_fingerprint\":");
-    if (r->fingerprint)
-        jw_str(w, r->fingerprint, strlen(r->fingerprint));
-    else
-        JW_LIT(w, "null");
+    jw_head(w, r, chat ? "chat.completion" : "text_completion");
     JW_LIT(w, ",\"choices\":[");
     for (size_t g = 0; g < (size_t)r->n * r->n_parts; g++) {
         const struct oai_choice *ch = &r->choices[g];

@@ -186,6 +186,10 @@ enum pw_err router_openai_acc_add(struct router_openai_acc *acc, const Parkway__
  */
 enum pw_err router_openai_acc_render(struct router_openai_acc *acc, char **body, size_t *len,
                                      int *status);
+/* Process-wide: true (the default) writes answers and stream events without logprobs
+ * directly; false always builds jansson trees (the reference, for tests). Not thread-safe:
+ * set it before serving. */
+void router_openai_set_direct(bool on);
 /* The same answer rendered through jansson trees (what acc_render does with logprobs): the
  * reference the unit tests hold the direct writer to. PW_ERR_INVAL unless finished and not
  * failed. *body malloc'd. */

@@ -1141,6 +1141,58 @@ static void test_acc_direct_matches_reference(void **state)
     }
 }
 
+/* One whole stream (two choices, role/content/finish events, usage) as SSE bytes. */
+static char *stream_bytes(bool chat, bool usage, bool fp, const char *t0, const char *t1)
+{
+    struct router_openai_resp rs =
+        mkresp(chat ? ROUTER_OPENAI_CHAT : ROUTER_OPENAI_COMPLETION, 2, 1, false, usage);
+    if (!fp)
+        rs.system_fingerprint = NULL;
+    struct router_openai_stream *st = router_openai_stream_create(&rs);
+    assert_non_null(st);
+    struct router_sse_buf out;
+    router_sse_buf_init(&out);
+    struct chunk_store s;
+    bool fin = false;
+    assert_int_equal(
+        router_openai_stream_feed(st, mk(&s, "req1", 0, 0, 1, t0, F_NONE, false), &out, &fin),
+        PW_OK);
+    assert_int_equal(
+        router_openai_stream_feed(st, mk(&s, "req1", 0, 1, 0, t1, F_LEN, false), &out, &fin),
+        PW_OK);
+    mk(&s, "req1", 0, 2, 1, t1, F_STOP, true);
+    with_usage(&s, 7, 8, 1);
+    assert_int_equal(router_openai_stream_feed(st, &s.c, &out, &fin), PW_OK);
+    assert_true(fin);
+    char *bytes = strdup(out.data ? out.data : "");
+    router_sse_buf_deinit(&out);
+    router_openai_stream_destroy(st);
+    return bytes;
+}
+
+static void test_stream_direct_matches_reference(void **state)
+{
+    (void)state;
+    static const char *const texts[] = {
+        "Hel", "", "q\"b\\n\n\x02\x7f", "\xf0\x9f\x98\x80\xc3\xa9", "x\xff\xe0\x80\x80y\xc3",
+    };
+    for (int mask = 0; mask < 8; mask++) {
+        for (size_t t = 0; t < sizeof texts / sizeof texts[0]; t++) {
+            bool chat = mask & 1, usage = mask & 2, fp = mask & 4;
+            const char *t1 = texts[(t + 2) % 5];
+            router_openai_set_direct(true);
+            char *direct = stream_bytes(chat, usage, fp, texts[t], t1);
+            router_openai_set_direct(false);
+            char *tree = stream_bytes(chat, usage, fp, texts[t], t1);
+            router_openai_set_direct(true);
+            assert_string_equal(direct, tree);
+            assert_non_null(strstr(direct, "data: [DONE]"));
+            free(direct);
+            free(tree);
+        }
+    }
+}
+
 /* ---- streams ------------------------------------------------------------------------ */
 
 /*
@@ -1582,6 +1634,7 @@ int main(void)
         cmocka_unit_test(test_error_constructors),
         cmocka_unit_test(test_acc_chat),
         cmocka_unit_test(test_acc_direct_matches_reference),
+        cmocka_unit_test(test_stream_direct_matches_reference),
         cmocka_unit_test(test_acc_retry_restarts),
         cmocka_unit_test(test_acc_engine_error),
         cmocka_unit_test(test_acc_bad_chunks),
