@@ -1533,6 +1533,9 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     if (c->tls) {
         bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     } else {
+        /* A new bufferevent starts with EV_WRITE enabled: off, or every response would
+         * still add and drop the write event (conn_flush writes instead). */
+        bufferevent_disable(c->bev, EV_WRITE);
         bufferevent_enable(c->bev, EV_READ);
         evbuffer_add_cb(bufferevent_get_output(c->bev), out_added_cb, c);
     }
