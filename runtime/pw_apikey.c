@@ -4,6 +4,8 @@
  */
 #include "pw_apikey.h"
 
+#include <pthread.h>
+
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -74,8 +76,21 @@ bool pw_apikey_format_ok(const char *key, size_t len)
     return last != NULL && ((last - b64url) & 3) == 0;
 }
 
+/* OpenSSL 3 looks an implicit EVP_sha256() up in its provider tables on every init; the
+ * router hashes a key per request, so the digest is fetched once per process (and kept:
+ * a global reference, never freed). */
+static EVP_MD *g_sha256;
+static pthread_once_t g_sha256_once = PTHREAD_ONCE_INIT;
+
+static void sha256_fetch(void)
+{
+    g_sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
 enum pw_err pw_apikey_hash(const char *key, size_t len, uint8_t out[PW_APIKEY_HASH_LEN])
 {
+    pthread_once(&g_sha256_once, sha256_fetch);
+    const EVP_MD *md = g_sha256 ? g_sha256 : EVP_sha256();
     enum pw_err err = PW_ERR_INTERNAL;
     unsigned int n = 0;
     EVP_MD_CTX *ctx = NULL;
@@ -86,7 +101,7 @@ enum pw_err pw_apikey_hash(const char *key, size_t len, uint8_t out[PW_APIKEY_HA
         err = PW_ERR_NOMEM;
         goto out;
     }
-    if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1 ||
+    if (EVP_DigestInit_ex(ctx, md, NULL) != 1 ||
         EVP_DigestUpdate(ctx, key != NULL ? key : "", len) != 1 ||
         EVP_DigestFinal_ex(ctx, out, &n) != 1 || n != PW_APIKEY_HASH_LEN)
         goto out;
