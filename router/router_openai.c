@@ -71,7 +71,45 @@ static void utf8_trim_tail(char *s)
         s[i - 1] = '\0';
 }
 
-/* A JSON string from bytes that should be UTF-8; invalid bytes become U+FFFD. */
+/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
+ * surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    if (c < 0x80)
+        return 1;
+    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
+                  : (c >= 0xE0 && c < 0xF0) ? 3
+                  : (c >= 0xF0 && c < 0xF5) ? 4
+                                            : 0;
+    if (need == 0 || need > n)
+        return 0;
+    uint32_t cp = c & (0x7Fu >> need);
+    for (size_t k = 1; k < need; k++) {
+        if ((s[k] & 0xC0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[k] & 0x3Fu);
+    }
+    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return need;
+}
+
+static bool utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq(u + i, n - i);
+        if (k == 0)
+            return false;
+        i += k;
+    }
+    return true;
+}
+
+/* A JSON string from bytes that should be UTF-8; each byte that does not start a
+ * well-formed sequence (and NUL, then) becomes U+FFFD. */
 static json_t *jstr_lossy(const char *s, size_t len)
 {
     json_t *v = json_stringn(s, len);
@@ -80,26 +118,14 @@ static json_t *jstr_lossy(const char *s, size_t len)
     char *buf = malloc(len * 3 + 1);
     if (buf == NULL)
         return NULL;
+    const unsigned char *u = (const unsigned char *)s;
     size_t o = 0;
     for (size_t i = 0; i < len;) {
-        unsigned char c = (unsigned char)s[i];
-        size_t need = c < 0x80                  ? 1
-                      : (c >= 0xC2 && c < 0xE0) ? 2
-                      : (c >= 0xE0 && c < 0xF0) ? 3
-                      : (c >= 0xF0 && c < 0xF5) ? 4
-                                                : 0;
-        bool ok = need > 0 && i + need <= len && c != 0;
-        for (size_t k = 1; ok && k < need; k++)
-            ok = ((unsigned char)s[i + k] & 0xC0) == 0x80;
-        if (ok && need > 1) { /* let jansson judge overlongs and surrogates */
-            json_t *probe = json_stringn(s + i, need);
-            ok = probe != NULL;
-            json_decref(probe);
-        }
-        if (ok) {
-            memcpy(buf + o, s + i, need);
-            o += need;
-            i += need;
+        size_t k = u[i] != 0 ? utf8_seq(u + i, len - i) : 0;
+        if (k > 0) {
+            memcpy(buf + o, s + i, k);
+            o += k;
+            i += k;
         } else {
             memcpy(buf + o, "\xEF\xBF\xBD", 3);
             o += 3;
@@ -1471,6 +1497,7 @@ struct oai_resp {
     bool finished, failed;
     struct router_openai_error error; /* when failed */
     uint64_t dropped;
+    bool direct; /* the direct writer may print id, model and fingerprint (set at init) */
 };
 
 struct router_openai_acc {
@@ -1495,6 +1522,14 @@ static void resp_deinit(struct oai_resp *r)
     free(r->base_id);
     free(r->model);
     free(r->fingerprint);
+}
+
+/* router_openai_set_direct(): the direct JSON writer below, or always the jansson trees. */
+static bool g_direct = true;
+
+void router_openai_set_direct(bool on)
+{
+    g_direct = on;
 }
 
 static bool resp_init(struct oai_resp *r, const struct router_openai_resp *in, bool streaming)
@@ -1525,6 +1560,11 @@ static bool resp_init(struct oai_resp *r, const struct router_openai_resp *in, b
     snprintf(r->id, idlen, "%s%s", prefix, in->request_id);
     for (uint32_t k = 0; k < r->n_parts; k++)
         r->parts[k].last_seq = -1;
+    /* The jansson trees refuse strings that are not UTF-8; the direct writer then stands
+     * aside for them. */
+    r->direct = g_direct && utf8_valid(r->id, strlen(r->id)) &&
+                utf8_valid(r->model, strlen(r->model)) &&
+                (r->fingerprint == NULL || utf8_valid(r->fingerprint, strlen(r->fingerprint)));
     return true;
 }
 
@@ -1691,13 +1731,6 @@ static json_t *resp_head(const struct oai_resp *r, const char *object)
  * escapes, and jstr_lossy's repair of bad UTF-8); tests/unit/router/test_router_openai.c
  * holds both to each other (router_openai_set_direct(false) selects the trees). */
 
-static bool g_direct = true;
-
-void router_openai_set_direct(bool on)
-{
-    g_direct = on;
-}
-
 struct jw {
     char *p;
     size_t len, cap;
@@ -1736,43 +1769,6 @@ static void jw_uint(struct jw *w, uint64_t v)
         v /= 10;
     } while (v);
     jw_raw(w, d + i, sizeof d - i);
-}
-
-/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
- * surrogates, at most U+10FFFF), or 0. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
-                  : (c >= 0xE0 && c < 0xF0) ? 3
-                  : (c >= 0xF0 && c < 0xF5) ? 4
-                                            : 0;
-    if (need == 0 || need > n)
-        return 0;
-    uint32_t cp = c & (0x7Fu >> need);
-    for (size_t k = 1; k < need; k++) {
-        if ((s[k] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[k] & 0x3Fu);
-    }
-    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return need;
-}
-
-static bool utf8_valid(const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq(u + i, n - i);
-        if (k == 0)
-            return false;
-        i += k;
-    }
-    return true;
 }
 
 /* A JSON string as jansson prints it. Text that is not valid UTF-8 is repaired as
@@ -1849,13 +1845,6 @@ static void jw_head(struct jw *w, const struct oai_resp *r, const char *object)
         jw_str(w, r->fingerprint, strlen(r->fingerprint));
     else
         JW_LIT(w, "null");
-}
-
-/* Whether the direct writer may print r (the tree path refuses what jansson refuses). */
-static bool direct_ok(const struct oai_resp *r)
-{
-    return g_direct && utf8_valid(r->id, strlen(r->id)) && utf8_valid(r->model, strlen(r->model)) &&
-           (!r->fingerprint || utf8_valid(r->fingerprint, strlen(r->fingerprint)));
 }
 
 enum ev_body { EV_ROLE, EV_TEXT, EV_FINISH };
@@ -1965,7 +1954,7 @@ static json_t *stream_choice(const struct oai_resp *r, size_t g, json_t *delta_o
 
 static enum pw_err ev_role(struct oai_resp *r, struct router_sse_buf *out, size_t g)
 {
-    if (direct_ok(r)) {
+    if (r->direct) {
         r->choices[g].started = true;
         return emit_direct(r, out, g, EV_ROLE, NULL, 0, NULL);
     }
@@ -1987,7 +1976,7 @@ static enum pw_err ev_finish(struct oai_resp *r, struct router_sse_buf *out, siz
         if (e != PW_OK)
             return e;
     }
-    if (direct_ok(r))
+    if (r->direct)
         return emit_direct(r, out, g, EV_FINISH, NULL, 0, finish_name(r->choices[g].finish));
     json_t *d = chat ? json_object() : jstr("");
     if (d == NULL)
@@ -2007,7 +1996,7 @@ static enum pw_err ev_content(struct oai_resp *r, struct router_sse_buf *out, si
         if (e != PW_OK)
             return e;
     }
-    if (!r->logprobs && direct_ok(r))
+    if (!r->logprobs && r->direct)
         return emit_direct(r, out, g, EV_TEXT, len > 0 ? text : "", len, NULL);
     json_t *lp = NULL;
     if (r->logprobs) {
@@ -2324,7 +2313,7 @@ static json_t *acc_choice(const struct oai_resp *r, size_t g)
 static bool acc_render_direct(const struct oai_resp *r, struct jw *w)
 {
     bool chat = r->kind == ROUTER_OPENAI_CHAT;
-    if (r->logprobs || !direct_ok(r))
+    if (r->logprobs || !r->direct)
         return false;
     jw_head(w, r, chat ? "chat.completion" : "text_completion");
     JW_LIT(w, ",\"choices\":[");
