@@ -67,6 +67,7 @@
 
 #include "parkway.pb-c.h"
 #include "pw_apikey.h"
+#include "bench_util.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_proto.h"
@@ -91,47 +92,6 @@ struct bench {
     pid_t redis, router_pid, engine_pid;
 };
 
-static double now_ms(void)
-{
-    return (double)pw_clock_mono_ns() / 1e6;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    int port = -1;
-    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    if (fd >= 0)
-        close(fd);
-    return port;
-}
-
-static pid_t spawn(char *const argv[], const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
 static void stop_child(pid_t *pid)
 {
     if (*pid <= 0)
@@ -142,22 +102,11 @@ static void stop_child(pid_t *pid)
             *pid = 0;
             return;
         }
-        sleep_ms(25);
+        bench_sleep_ms(25);
     }
     kill(*pid, SIGKILL);
     waitpid(*pid, NULL, 0);
     *pid = 0;
-}
-
-static double loadavg1(void)
-{
-    double l = -1;
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f && fscanf(f, "%lf", &l) != 1)
-        l = -1;
-    if (f)
-        fclose(f);
-    return l;
 }
 
 /* ---- HTTP (plain HTTP/1.1, Connection: close) -------------------------------------------- */
@@ -304,7 +253,7 @@ static struct probe probe_once(const struct bench *b)
     int fd = http_connect(b->port);
     if (fd < 0)
         return p;
-    p.sent_ms = now_ms();
+    p.sent_ms = bench_now_ms();
     if (!send_request(fd, "POST", "/v1/chat/completions", b->key, NULL, body, (size_t)bl)) {
         close(fd);
         return p;
@@ -340,7 +289,7 @@ static struct probe probe_once(const struct bench *b)
             if (!first && strncmp(line, "data: {", 7) == 0 &&
                 ((strstr(line, "\"content\":\"") && !strstr(line, "\"content\":\"\"")) ||
                  strstr(line, "\"finish_reason\":\""))) {
-                p.ttft_ms = now_ms() - p.sent_ms;
+                p.ttft_ms = bench_now_ms() - p.sent_ms;
                 first = true;
             }
             if (strncmp(line, "data: [DONE]", 12) == 0)
@@ -352,7 +301,7 @@ static struct probe probe_once(const struct bench *b)
         if (done)
             break;
     }
-    p.total_ms = now_ms() - p.sent_ms;
+    p.total_ms = bench_now_ms() - p.sent_ms;
     p.ok = first && done;
     free(buf);
     close(fd);
@@ -361,18 +310,12 @@ static struct probe probe_once(const struct bench *b)
 
 /* ---- statistics ------------------------------------------------------------------------------ */
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Nearest-rank percentile (q in 0..1) of v[0..n); sorts v. -1 when empty. */
 static double pct(double *v, size_t n, double q)
 {
     if (n == 0)
         return -1;
-    qsort(v, n, sizeof *v, cmp_double);
+    qsort(v, n, sizeof *v, bench_cmp_double);
     size_t k = (size_t)(q * (double)n + 0.999999);
     if (k < 1)
         k = 1;
@@ -411,7 +354,7 @@ static bool seed_redis(struct bench *b)
             break;
         redisFree(rc);
         rc = NULL;
-        sleep_ms(25);
+        bench_sleep_ms(25);
     }
     if (!rc)
         return false;
@@ -440,8 +383,8 @@ static bool stack_start(struct bench *b)
     snprintf(b->dir, sizeof b->dir, "/tmp/pw-bench-batch-XXXXXX");
     if (!mkdtemp(b->dir))
         return false;
-    b->redis_port = free_port();
-    b->port = free_port();
+    b->redis_port = bench_free_port();
+    b->port = bench_free_port();
     char rport[16], hport[16], rurl[64], log[128], storage[128], threads[16];
     snprintf(rport, sizeof rport, "%d", b->redis_port);
     snprintf(hport, sizeof hport, "%d", b->port);
@@ -451,7 +394,7 @@ static bool stack_start(struct bench *b)
     snprintf(log, sizeof log, "%s/redis.log", b->dir);
     char *redis_argv[] = {b->redis_server, "--port", rport,   "--bind", "127.0.0.1", "--save", "",
                           "--appendonly",  "no",     "--dir", b->dir,   NULL};
-    b->redis = spawn(redis_argv, log);
+    b->redis = bench_spawn(redis_argv, log);
     if (!seed_redis(b)) {
         fprintf(stderr, "bench_batch: redis-server did not start (see %s)\n", log);
         return false;
@@ -461,15 +404,15 @@ static bool stack_start(struct bench *b)
     char *router_argv[] = {b->router, "--redis",     rurl,          "--port",
                            hport,     "--threads",   "1",           "--storage-dir",
                            storage,   "--router-id", "bench-batch", NULL};
-    b->router_pid = spawn(router_argv, log);
+    b->router_pid = bench_spawn(router_argv, log);
     snprintf(log, sizeof log, "%s/engine.log", b->dir);
     char *engine_argv[] = {
         b->engine, "--spec",      b->spec,        "--redis",
         rurl,      "--worker-id", "bench-batch1", b->threads ? "--threads" : NULL,
         threads,   NULL};
-    b->engine_pid = spawn(engine_argv, log);
+    b->engine_pid = bench_spawn(engine_argv, log);
     /* Ready when a request is answered: router up, engine loaded and reading. */
-    double t0 = now_ms();
+    double t0 = bench_now_ms();
     char body[512];
     int bl = line_body(b, 0, body, sizeof body);
     for (;;) {
@@ -479,12 +422,12 @@ static bool stack_start(struct bench *b)
         free(resp);
         if (st == 200)
             return true;
-        if (now_ms() - t0 > BENCH_START_TIMEOUT_MS ||
+        if (bench_now_ms() - t0 > BENCH_START_TIMEOUT_MS ||
             waitpid(b->engine_pid, NULL, WNOHANG) == b->engine_pid) {
             fprintf(stderr, "bench_batch: the stack did not answer (see %s/*.log)\n", b->dir);
             return false;
         }
-        sleep_ms(200);
+        bench_sleep_ms(200);
     }
 }
 
@@ -537,7 +480,7 @@ static double run_level(const struct bench *b, unsigned conc, long *tokens_out, 
     struct client cs[BENCH_CONC_MAX];
     pthread_t th[BENCH_CONC_MAX];
     unsigned started = 0;
-    double t0 = now_ms();
+    double t0 = bench_now_ms();
     for (unsigned i = 0; i < conc; i++) {
         cs[i] = (struct client){.b = b, .id = i, .rounds = b->rounds};
         if (pthread_create(&th[i], NULL, client_main, &cs[i]) != 0)
@@ -551,7 +494,7 @@ static double run_level(const struct bench *b, unsigned conc, long *tokens_out, 
         tokens += cs[i].tokens;
         errors += cs[i].errors;
     }
-    double secs = (now_ms() - t0) / 1000.0;
+    double secs = (bench_now_ms() - t0) / 1000.0;
     *tokens_out = tokens;
     *secs_out = secs;
     if (started < conc || errors) {
@@ -582,7 +525,7 @@ static void *prober_main(void *arg)
             lat_add(&pr->during, &p);
         else
             pr->outside++;
-        sleep_ms((int)pr->b->gap_ms);
+        bench_sleep_ms((int)pr->b->gap_ms);
     }
     return NULL;
 }
@@ -663,7 +606,7 @@ static struct batch_result run_batch(const struct bench *b, struct prober *pr)
                       "\"completion_window\":\"24h\"}",
                       fid);
     char *resp = NULL;
-    double t_create = now_ms();
+    double t_create = bench_now_ms();
     int st = http_req(b->port, "POST", "/v1/batches", b->key, NULL, body, (size_t)bl, &resp);
     json_t *j = st == 200 && resp ? json_loads(resp, 0, NULL) : NULL;
     const char *id = json_string_value(json_object_get(j, "id"));
@@ -682,13 +625,13 @@ static struct batch_result run_batch(const struct bench *b, struct prober *pr)
     double t_last = -1;
     unsigned last_pct = 0;
     for (;;) {
-        if (now_ms() - t_create > BENCH_BATCH_TIMEOUT_MS) {
+        if (bench_now_ms() - t_create > BENCH_BATCH_TIMEOUT_MS) {
             fprintf(stderr, "bench_batch: the batch did not complete in time\n");
             break;
         }
         resp = NULL;
         st = http_req(b->port, "GET", path, b->key, NULL, NULL, 0, &resp);
-        double t = now_ms();
+        double t = bench_now_ms();
         j = st == 200 && resp ? json_loads(resp, 0, NULL) : NULL;
         free(resp);
         const char *status = json_string_value(json_object_get(j, "status"));
@@ -748,29 +691,12 @@ static struct batch_result run_batch(const struct bench *b, struct prober *pr)
             break;
         }
         json_decref(j);
-        sleep_ms(100);
+        bench_sleep_ms(100);
     }
     return res;
 }
 
 /* ---- main ------------------------------------------------------------------------------------ */
-
-static void exe_rel(char *out, size_t cap, const char *rel)
-{
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
-        snprintf(out, cap, "%s", rel);
-        return;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    int w = snprintf(out, cap, "%s/%s", self, rel);
-    if (w < 0 || (size_t)w >= cap)
-        snprintf(out, cap, "%s", rel);
-}
 
 static void usage(FILE *f)
 {
@@ -847,12 +773,12 @@ int main(int argc, char **argv)
                              .probe_tokens = 8,
                              .gap_ms = 200,
                              .rounds = 3};
-    exe_rel(b.router, sizeof b.router, "../router/parkway-router");
-    exe_rel(b.engine, sizeof b.engine, "../engine/parkway-engine");
+    bench_exe_rel(b.router, sizeof b.router, "../router/parkway-router");
+    bench_exe_rel(b.engine, sizeof b.engine, "../engine/parkway-engine");
     snprintf(b.redis_server, sizeof b.redis_server, "redis-server");
     snprintf(b.spec, sizeof b.spec, "functions/smollm2-135m.yaml");
     if (access(b.spec, R_OK) != 0)
-        exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
+        bench_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
     enum {
         O_LINES = 256,
         O_MAXTOK,
@@ -957,7 +883,7 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    double load_start = loadavg1();
+    double load_start = bench_loadavg1();
     rc = 1;
     static struct lat idle;
     static struct prober pr;
@@ -992,7 +918,7 @@ int main(int argc, char **argv)
     for (unsigned i = 0; i < b.requests; i++) {
         struct probe p = probe_once(&b);
         lat_add(&idle, &p);
-        sleep_ms((int)b.gap_ms);
+        bench_sleep_ms((int)b.gap_ms);
     }
     if (idle.n == 0) {
         fprintf(stderr, "bench_batch: no idle probe succeeded\n");
@@ -1017,7 +943,7 @@ int main(int argc, char **argv)
     if (!br.ok)
         goto out;
 
-    double load_end = loadavg1();
+    double load_end = bench_loadavg1();
     size_t n_idle = idle.n, n_during = pr.during.n;
     double ti50 = pct(idle.ttft, n_idle, 0.5), ti99 = pct(idle.ttft, n_idle, 0.99);
     double tt50 = pct(idle.total, n_idle, 0.5), tt99 = pct(idle.total, n_idle, 0.99);

@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_redis.h"
@@ -79,31 +80,6 @@ struct ttft {
     unsigned keepalives; /* SSE comments before the first token */
     bool ok;             /* 200 and a token arrived */
 };
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static double now_ms(void)
-{
-    return (double)pw_clock_mono_ns() / 1e6;
-}
-
-static int free_port(void)
-{
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    int port = -1;
-    if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(s, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    if (s >= 0)
-        close(s);
-    return port;
-}
 
 static char *read_file(const char *path)
 {
@@ -187,15 +163,15 @@ static void stack_stop(struct stack *st)
     }
     if (st->pid > 0) {
         kill(st->pid, SIGTERM);
-        double t0 = now_ms();
+        double t0 = bench_now_ms();
         int status;
         while (waitpid(st->pid, &status, WNOHANG) != st->pid) {
-            if (now_ms() - t0 > 45000) {
+            if (bench_now_ms() - t0 > 45000) {
                 kill(st->pid, SIGKILL);
                 waitpid(st->pid, &status, 0);
                 break;
             }
-            sleep_ms(50);
+            bench_sleep_ms(50);
         }
         st->pid = 0;
     }
@@ -224,8 +200,8 @@ static bool stack_start(const struct bench *b, struct stack *st)
     snprintf(st->dir, sizeof st->dir, "/tmp/pw-bench-cold-XXXXXX");
     if (!mkdtemp(st->dir) || !write_spec(b, st->dir))
         return false;
-    st->port = free_port();
-    int redis_port = free_port();
+    st->port = bench_free_port();
+    int redis_port = bench_free_port();
     char log[256], fdir[256], port_s[16], rport_s[16], state[256];
     snprintf(log, sizeof log, "%s/up.log", st->dir);
     snprintf(fdir, sizeof fdir, "%s/functions", st->dir);
@@ -247,7 +223,7 @@ static bool stack_start(const struct bench *b, struct stack *st)
         _exit(127);
     }
     st->pid = pid;
-    double t0 = now_ms();
+    double t0 = bench_now_ms();
     for (;;) {
         char *text = read_file(log);
         bool up = text && strstr(text, "Ctrl-C stops the stack.");
@@ -255,12 +231,12 @@ static bool stack_start(const struct bench *b, struct stack *st)
         if (up)
             break;
         int status;
-        if (waitpid(pid, &status, WNOHANG) == pid || now_ms() - t0 > BENCH_UP_TIMEOUT_MS) {
+        if (waitpid(pid, &status, WNOHANG) == pid || bench_now_ms() - t0 > BENCH_UP_TIMEOUT_MS) {
             fprintf(stderr, "bench_coldstart: parkway up did not come up; see %s\n", log);
             st->pid = 0;
             return false;
         }
-        sleep_ms(20);
+        bench_sleep_ms(20);
     }
     char envp[300];
     snprintf(envp, sizeof envp, "%s/env", state);
@@ -274,11 +250,11 @@ static bool stack_start(const struct bench *b, struct stack *st)
     }
     /* The scaler is observing once it writes the function's scale record. */
     while (scale_field(st, b->fn, "updated_ms") <= 0) {
-        if (now_ms() - t0 > BENCH_UP_TIMEOUT_MS) {
+        if (bench_now_ms() - t0 > BENCH_UP_TIMEOUT_MS) {
             fprintf(stderr, "bench_coldstart: the scaler never reported; see %s\n", log);
             return false;
         }
-        sleep_ms(20);
+        bench_sleep_ms(20);
     }
     return true;
 }
@@ -311,7 +287,7 @@ static struct ttft chat_once(const struct bench *b, const struct stack *st)
                       "Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
                       "Content-Length: %d\r\nConnection: close\r\n\r\n%s",
                       st->key, bl, body);
-    double t0 = now_ms();
+    double t0 = bench_now_ms();
     if (write(s, req, (size_t)rl) != rl) {
         close(s);
         return t;
@@ -351,7 +327,7 @@ static struct ttft chat_once(const struct bench *b, const struct stack *st)
             if (!t.ok && strncmp(line, "data: {", 7) == 0 &&
                 ((strstr(line, "\"content\":\"") && !strstr(line, "\"content\":\"\"")) ||
                  strstr(line, "\"finish_reason\":\""))) {
-                t.first_ms = now_ms() - t0;
+                t.first_ms = bench_now_ms() - t0;
                 t.ok = true;
             }
             *nl = '\n';
@@ -367,16 +343,16 @@ static struct ttft chat_once(const struct bench *b, const struct stack *st)
 
 static bool wait_parked(struct stack *st, const char *fn)
 {
-    double t0 = now_ms();
-    while (now_ms() - t0 < BENCH_PARK_TIMEOUT_MS) {
+    double t0 = bench_now_ms();
+    while (bench_now_ms() - t0 < BENCH_PARK_TIMEOUT_MS) {
         if (scale_field(st, fn, "parked") == 1 && scale_field(st, fn, "ready") == 0 &&
             scale_field(st, fn, "starting") == 0 && scale_field(st, fn, "draining") == 0 &&
             scale_field(st, fn, "provisioning") == 0) {
             /* a moment for the provider's model pin to map the file */
-            sleep_ms(300);
+            bench_sleep_ms(300);
             return true;
         }
-        sleep_ms(50);
+        bench_sleep_ms(50);
     }
     return false;
 }
@@ -403,7 +379,7 @@ static long long last_ready_startup(struct stack *st, const char *fn)
         pw_stream_entries_free(es);
         freeReplyObject(r);
         if (v < 0)
-            sleep_ms(50);
+            bench_sleep_ms(50);
     }
     return v;
 }
@@ -425,35 +401,12 @@ static double last_load_ms(const struct stack *st)
     return v;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 static double median(double *v, unsigned n)
 {
     if (n == 0)
         return -1;
-    qsort(v, n, sizeof *v, cmp_double);
+    qsort(v, n, sizeof *v, bench_cmp_double);
     return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-static void exe_rel(char *out, size_t cap, const char *rel)
-{
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
-        snprintf(out, cap, "%s", rel);
-        return;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    int w = snprintf(out, cap, "%s/%s", self, rel);
-    if (w < 0 || (size_t)w >= cap)
-        snprintf(out, cap, "%s", rel);
 }
 
 static void usage(FILE *f)
@@ -464,10 +417,10 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     struct bench b = {.runs = 5, .idle_s = 2};
-    exe_rel(b.parkway, sizeof b.parkway, "../tools/parkway");
+    bench_exe_rel(b.parkway, sizeof b.parkway, "../tools/parkway");
     snprintf(b.spec, sizeof b.spec, "functions/smollm2-135m.yaml");
     if (access(b.spec, R_OK) != 0)
-        exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
+        bench_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
     static const struct option longopts[] = {
         {"parkway", required_argument, NULL, 'p'}, {"spec", required_argument, NULL, 's'},
         {"runs", required_argument, NULL, 'n'},    {"idle-s", required_argument, NULL, 'i'},
@@ -554,7 +507,7 @@ int main(int argc, char **argv)
         double lm = -1;
         if (wait_parked(&st, b.fn)) {
             p = chat_once(&b, &st);
-            sleep_ms(200);
+            bench_sleep_ms(200);
             up = last_ready_startup(&st, b.fn);
             lm = last_load_ms(&st);
         } else {

@@ -48,6 +48,7 @@
 
 #include "parkway.pb-c.h"
 #include "pw_apikey.h"
+#include "bench_util.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_proto.h"
@@ -55,42 +56,6 @@
 #define BENCH_FN "bench"
 #define BENCH_MAX_CONNS 1024
 #define BENCH_RAW_ID "rawbench" /* names the raw client's reply stream */
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
-        close(fd);
-        return -1;
-    }
-    socklen_t len = sizeof a;
-    getsockname(fd, (struct sockaddr *)&a, &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static pid_t spawn(char *const argv[], const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
 
 static void stop_child(pid_t pid)
 {
@@ -100,7 +65,7 @@ static void stop_child(pid_t pid)
     for (int i = 0; i < 200; i++) {
         if (waitpid(pid, NULL, WNOHANG) == pid)
             return;
-        sleep_ms(25);
+        bench_sleep_ms(25);
     }
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
@@ -364,7 +329,7 @@ static int run_load(int port, pid_t router, const char *target, const char *req,
         epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev);
     }
     /* Let the connects finish before the first writes. */
-    sleep_ms(50);
+    bench_sleep_ms(50);
     for (unsigned i = 0; i < nconns; i++)
         lconn_send(&cs[i], req, req_len);
     uint64_t t0 = pw_clock_mono_ns();
@@ -418,7 +383,7 @@ out:
     free(fb.v);
     free(cs);
     /* Let the router see the closes before the next run. */
-    sleep_ms(100);
+    bench_sleep_ms(100);
     return rc;
 }
 
@@ -545,7 +510,7 @@ static int run_raw(int redis_port, unsigned nconns, double seconds, int warmup_m
     rc = 0;
 out:
     /* Let the fake engine drain what is still in flight before the next run. */
-    sleep_ms(200);
+    bench_sleep_ms(200);
     redisFree(tx);
     redisFree(rx);
     free(sent);
@@ -566,7 +531,7 @@ static int seed(int redis_port, char key[PW_APIKEY_LEN + 1])
             break;
         redisFree(rc);
         rc = NULL;
-        sleep_ms(50);
+        bench_sleep_ms(50);
     }
     if (!rc)
         return -1;
@@ -602,17 +567,6 @@ static bool router_ready(int port)
               recv(fd, buf, sizeof buf - 1, 0) > 0 && strncmp(buf, "HTTP/1.1 200", 12) == 0;
     close(fd);
     return ok;
-}
-
-static double loadavg1(void)
-{
-    double l = -1;
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f && fscanf(f, "%lf", &l) != 1)
-        l = -1;
-    if (f)
-        fclose(f);
-    return l;
 }
 
 /* The run of target (0 healthz, 1 raw, 2 chat, 3 stream) at the ci-th connection count:
@@ -658,7 +612,7 @@ int main(int argc, char **argv)
     char dir[] = "/tmp/pw-bench-router-XXXXXX";
     if (!mkdtemp(dir))
         return 1;
-    int redis_port = free_port(), http_port = free_port();
+    int redis_port = bench_free_port(), http_port = bench_free_port();
     char rport[16], hport[16], rurl[64], rlog[128], hlog[128];
     snprintf(rport, sizeof rport, "%d", redis_port);
     snprintf(hport, sizeof hport, "%d", http_port);
@@ -667,7 +621,7 @@ int main(int argc, char **argv)
     snprintf(hlog, sizeof hlog, "%s/router.log", dir);
     char *redis_argv[] = {"redis-server", "--port", rport,   "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no",     "--dir", dir,      NULL};
-    pid_t redis = spawn(redis_argv, rlog);
+    pid_t redis = bench_spawn(redis_argv, rlog);
     char key[PW_APIKEY_LEN + 1];
     if (seed(redis_port, key) != 0) {
         fprintf(stderr, "bench_router: redis-server did not start (see %s)\n", rlog);
@@ -677,19 +631,19 @@ int main(int argc, char **argv)
     char *router_argv[] = {(char *)router, "--redis",       rurl,          "--port", hport,
                            "--threads",    (char *)threads, "--router-id", "bench",  NULL};
     setenv("PARKWAY_LOG_LEVEL", "warn", 1);
-    pid_t rpid = spawn(router_argv, hlog);
+    pid_t rpid = bench_spawn(router_argv, hlog);
     int rc = 1;
     struct engine en = {.redis_port = redis_port};
     pthread_t eng;
     bool eng_started = false;
-    double load_start = loadavg1();
+    double load_start = bench_loadavg1();
     for (int i = 0; i < 200 && !router_ready(http_port); i++)
-        sleep_ms(25);
+        bench_sleep_ms(25);
     if (!router_ready(http_port)) {
         fprintf(stderr, "bench_router: the router did not start (%s; see %s)\n", router, hlog);
         goto out;
     }
-    sleep_ms(200); /* function snapshot */
+    bench_sleep_ms(200); /* function snapshot */
     if (pthread_create(&eng, NULL, engine_main, &en) != 0)
         goto out;
     eng_started = true;
@@ -753,7 +707,7 @@ int main(int argc, char **argv)
         }
     }
     rss_after = rss_kib(rpid);
-    double load_end = loadavg1();
+    double load_end = bench_loadavg1();
     printf("\n%-6s %16s %14s\n", "conns", "chat-raw_p50_us", "chat/raw_rps");
     for (size_t ci = 0; ci < nconns; ci++) {
         const struct result *raw = run_of(res, nres, ci, 1), *ch = run_of(res, nres, ci, 2);
