@@ -72,8 +72,8 @@
  * 0 = none: batch lines may hold max_batch - 1 slots). An interactive request that arrives
  * mid-step waits for the step to end, so the budget bounds that wait; on a CPU a step's
  * time grows with its rows, so the budget caps the batch lane's slots (and trades some of
- * its throughput: bench/bench_batch measures both). On a GPU steps are short and the cap
- * stays at max_batch - 1. */
+ * its throughput: bench/bench_batch measures both). Where batch steps stay under the
+ * budget, the cap rises to max_batch - 1. */
 #define PW_WORKER_BATCH_STEP_MS 16
 #define PW_WORKER_BATCH_ADJUST_MS 250 /* how often the batch-lane cap moves by one */
 /* The cap holds only while interactive work is around: with no interactive request taken

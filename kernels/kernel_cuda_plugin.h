@@ -2,9 +2,9 @@
  * kernel_cuda_plugin: the CUDA backend as a module the engine loads only when it is asked
  * for a GPU (libparkway_cuda.so, built from kernels/cuda when PW_CUDA is on).
  *
- * Why a module: linking cudart and cuBLAS into every engine costs a CPU-only engine about
- * 150 MiB of resident memory and ~10 ms of start-up (the loader maps and relocates them)
- * for code it never runs. The module is found through PW_CUDA_PLUGIN (a path), else next to
+ * Why a module: linking cudart and cuBLAS into every engine cost a CPU-only engine about
+ * 150 MiB of resident memory (bench_engine peak RSS 387.5 MiB linked, 236 MiB not; the
+ * loader maps and relocates them) for code it never runs. The module is found through PW_CUDA_PLUGIN (a path), else next to
  * the running executable. It leaves the runtime's logging and assert functions to the
  * executable (built with ENABLE_EXPORTS), so both share one log sink.
  *

@@ -790,7 +790,7 @@ static enum pw_err send_part(struct router_call *c, size_t part, bool eval,
     struct router_fn *fn = rt->cfg.max_queue ? fn_find(c->w, c->model) : NULL;
     if (rt->cfg.max_queue == 0 || (!eval && fn && backlog_has_room(fn, rt))) {
         /* Unbounded, or far below the bound: a plain XADD, without the script's cost in
-         * Redis (about 3.5 us of its CPU per request). */
+         * Redis (about 3.7 us of its CPU per request; docs/internals/router.md). */
         if (fn)
             fn->adds++;
         const char *argv[] = {"XADD", qkey, "*", PW_STREAM_FIELD, (const char *)data};
