@@ -105,24 +105,7 @@ static int setup(void **state)
     snprintf(g_dir, sizeof g_dir, "/tmp/pw-scaler-local-XXXXXX");
     if (!mkdtemp(g_dir))
         return -1;
-    char path[256];
-    snprintf(path, sizeof path, "%s/functions", g_dir);
-    mkdir(path, 0755);
-    snprintf(path, sizeof path, "%s/tiny.gguf", g_dir);
-    pw_test_gguf_gen(path, "--shape tiny --type q8_0");
-    char spec[1024];
-    snprintf(spec, sizeof spec,
-             "name: tiny\n"
-             "model:\n  path: %s/tiny.gguf\n  format: gguf\n"
-             "resources:\n  gpu: none\n  cpu: 1\n  memory: 256MiB\n"
-             "scaling:\n  min_replicas: 0\n  max_replicas: 1\n  target_concurrency: 4\n"
-             "  idle_seconds: 1\n  idle_action: park\n  startup_timeout_seconds: 60\n"
-             "engine:\n  max_batch: 4\n  context_length: 128\n"
-             "pricing:\n  max_price_per_hour: 0\n  spot: on-demand\n"
-             "max_queue_wait: 60s\n",
-             g_dir);
-    snprintf(path, sizeof path, "%s/functions/tiny.yaml", g_dir);
-    pw_test_write_file(path, spec);
+    pw_test_tiny_function(PW_TEST_GGUF_GEN_BIN, g_dir, "0");
     if (pw_redis_sync_connect(g_redis.url, 5000, &g_rc, NULL, 0) != PW_OK)
         return -1;
     return 0;

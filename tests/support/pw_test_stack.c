@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "parkway.pb-c.h"
 #include "pw_clock.h"
@@ -145,4 +146,27 @@ pid_t pw_test_scaler_start(const char *exe, const char *redis_url, const char *d
     }
     argv[n] = NULL;
     return pw_test_spawn((char *const *)argv, log, SIGTERM);
+}
+
+void pw_test_tiny_function(const char *gen, const char *dir, const char *max_price)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/functions", dir);
+    mkdir(path, 0755);
+    snprintf(path, sizeof path, "%s/tiny.gguf", dir);
+    pw_test_gguf_gen_at(gen, path, "--shape tiny --type q8_0");
+    char spec[1024];
+    int n = snprintf(spec, sizeof spec,
+                     "name: tiny\n"
+                     "model:\n  path: %s/tiny.gguf\n  format: gguf\n"
+                     "resources:\n  gpu: none\n  cpu: 1\n  memory: 256MiB\n"
+                     "scaling:\n  min_replicas: 0\n  max_replicas: 1\n  target_concurrency: 4\n"
+                     "  idle_seconds: 1\n  idle_action: park\n  startup_timeout_seconds: 60\n"
+                     "engine:\n  max_batch: 4\n  context_length: 128\n"
+                     "pricing:\n  max_price_per_hour: %s\n  spot: on-demand\n"
+                     "max_queue_wait: 60s\n",
+                     dir, max_price);
+    assert_true(n > 0 && (size_t)n < sizeof spec);
+    snprintf(path, sizeof path, "%s/functions/tiny.yaml", dir);
+    pw_test_write_file(path, spec);
 }

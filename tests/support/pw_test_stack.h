@@ -61,4 +61,12 @@ long long pw_test_hlen(struct redisContext *rc, const char *key);
 pid_t pw_test_scaler_start(const char *exe, const char *redis_url, const char *dir,
                            const char *const extra[]);
 
+/*
+ * The scaler tests' function: <dir>/tiny.gguf generated with gen (PW_TEST_GGUF_GEN_BIN,
+ * tiny shape, Q8_0) and its spec <dir>/functions/tiny.yaml (scale from zero, one replica,
+ * 1 s idle then park, 4 slots, 128-token context) with pricing.max_price_per_hour set to
+ * max_price (a decimal, e.g. "0" for free machines only). Fails the test on an error.
+ */
+void pw_test_tiny_function(const char *gen, const char *dir, const char *max_price);
+
 #endif
