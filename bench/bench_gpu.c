@@ -13,12 +13,21 @@
  *     tests/gpu/hf_compare.py.
  *
  *   bench_gpu bench MODEL [--batches 1,8,32,64] [--ctx N] [--prefill N] [--reps N]
+ *                         [--full-logits]
  *     Decode tokens/s at each batch size (every sequence at position --ctx, default 512,
- *     over a zeroed cache: attention still reads ctx keys), and prefill tokens/s of one
+ *     over a zeroed cache: attention still reads ctx keys; each row's next token chosen on
+ *     the device as a greedy sampler does, or with --full-logits every logit row copied
+ *     to the host as a host-side sampler needs), and prefill tokens/s of one
  *     --prefill-token prompt (default 2048). Each is also printed as a fraction of its
  *     bound, measured on the device first: decode, the bytes a step must read (weights
  *     plus the batch's KV) over the copy bandwidth; prefill, its FLOPs over the cuBLAS
  *     BF16 GEMM rate.
+ *
+ *   bench_gpu profile MODEL [--batches 1,64] [--ctx N] [--prefill N]
+ *     Where a step's time goes: the ops run eagerly through a wrapper backend that syncs
+ *     around each, for decode at each batch size (the decode matrix-vector kernel with its
+ *     rows per warp chosen per launch, then forced to 4 and to 1) and one prefill; per op
+ *     and per matmul shape (GB/s).
  *
  * Built without the CUDA backend it prints one line and exits 77.
  */
@@ -53,7 +62,9 @@ struct runner {
     uint32_t max_blocks;
     int32_t *table; /* [n_seq][max_blocks], sequential blocks */
     int32_t *tokens, *pos, *seq, *rows;
-    float *logits; /* [max_logits][n_vocab] */
+    float *logits;  /* [max_logits][n_vocab] */
+    float *top_val; /* [max_logits]: the device's top-1 (greedy decoding) */
+    int32_t *top_idx;
 };
 
 static int runner_open(struct runner *r, struct kernel_backend *be, const char *path,
@@ -81,7 +92,10 @@ static int runner_open(struct runner *r, struct kernel_backend *be, const char *
     r->seq = malloc(max_tok * sizeof(int32_t));
     r->rows = malloc(max_tok * sizeof(int32_t));
     r->logits = malloc((size_t)max_logits * r->hp->n_vocab * sizeof(float));
-    if (!r->table || !r->tokens || !r->pos || !r->seq || !r->rows || !r->logits) {
+    r->top_val = malloc(max_logits * sizeof(float));
+    r->top_idx = malloc(max_logits * sizeof(int32_t));
+    if (!r->table || !r->tokens || !r->pos || !r->seq || !r->rows || !r->logits || !r->top_val ||
+        !r->top_idx) {
         fprintf(stderr, "bench_gpu: out of memory\n");
         return -1;
     }
@@ -99,11 +113,17 @@ static void runner_close(struct runner *r)
     free(r->seq);
     free(r->rows);
     free(r->logits);
+    free(r->top_val);
+    free(r->top_idx);
     memset(r, 0, sizeof(*r));
 }
 
-/* One step over n rows already in r->tokens/pos/seq; logits of rows [n - n_logits, n). */
-static void runner_step(struct runner *r, uint32_t n, uint32_t n_logits)
+/*
+ * One step over n rows already in r->tokens/pos/seq; logits of rows [n - n_logits, n):
+ * whole rows into r->logits, or with top1 only each row's best token (chosen on the
+ * device, as a greedy sampler would) into r->top_idx.
+ */
+static void runner_step_mode(struct runner *r, uint32_t n, uint32_t n_logits, bool top1)
 {
     struct kernel_batch b = {.n_tok = n,
                              .tokens = r->tokens,
@@ -114,7 +134,15 @@ static void runner_step(struct runner *r, uint32_t n, uint32_t n_logits)
                              .block_table = r->table};
     for (uint32_t i = 0; i < n_logits; i++)
         r->rows[i] = (int32_t)(n - n_logits + i);
-    engine_model_forward(r->m, &b, r->rows, n_logits, r->logits);
+    if (top1)
+        engine_model_forward_topk(r->m, &b, r->rows, n_logits, 1, r->top_val, r->top_idx, NULL);
+    else
+        engine_model_forward(r->m, &b, r->rows, n_logits, r->logits);
+}
+
+static void runner_step(struct runner *r, uint32_t n, uint32_t n_logits)
+{
+    runner_step_mode(r, n, n_logits, false);
 }
 
 static uint32_t argmax(const float *v, uint32_t n)
@@ -162,7 +190,7 @@ static int run_compare(const char *path, uint32_t n_prompt, uint32_t steps, cons
         }
     }
     double worst = 0.0;
-    uint32_t agree = 0;
+    uint32_t agree = 0, topk_bad = 0;
     uint64_t t_cpu = 0, t_gpu = 0;
     for (uint32_t s = 0; s <= steps; s++) {
         uint32_t n = s == 0 ? n_prompt : 1;
@@ -196,6 +224,17 @@ static int run_compare(const char *path, uint32_t n_prompt, uint32_t steps, cons
         worst = fmax(worst, rel);
         uint32_t ac = argmax(rc.logits, nv), ag = argmax(rg.logits, nv);
         agree += ac == ag;
+        /* the device's top-1 must be the host's argmax of the same logits, exactly */
+        if (engine_model_has_topk(rg.m)) {
+            float tv;
+            int32_t ti;
+            gpu->ops->topk(gpu, engine_model_logits_device(rg.m), 1, nv, 1, &tv, &ti, NULL);
+            if (ti != (int32_t)ag || tv != rg.logits[ag]) {
+                fprintf(stderr, "bench_gpu: step %u: device top-1 %d (%g) != argmax %u (%g)\n", s,
+                        ti, tv, ag, rg.logits[ag]);
+                topk_bad++;
+            }
+        }
         seqtok[n_prompt + s] = (int32_t)ac; /* teacher forcing with the CPU's choice */
         if (fl && fwrite(rg.logits, sizeof(float), nv, fl) != nv) {
             fprintf(stderr, "bench_gpu: short write\n");
@@ -217,9 +256,11 @@ static int run_compare(const char *path, uint32_t n_prompt, uint32_t steps, cons
         fclose(ft);
     }
     double top1 = (double)agree / (steps + 1);
-    bool ok = worst <= max_rel_ok && top1 >= min_top1;
-    printf("compare: steps=%u max_rel=%.3g top1=%u/%u cpu_ms=%.0f cuda_ms=%.0f %s\n", steps + 1,
-           worst, agree, steps + 1, (double)t_cpu / 1e6, (double)t_gpu / 1e6, ok ? "PASS" : "FAIL");
+    bool ok = worst <= max_rel_ok && top1 >= min_top1 && topk_bad == 0;
+    printf("compare: prompt=%u steps=%u max_rel=%.3g top1=%u/%u topk_bad=%u cpu_ms=%.0f "
+           "cuda_ms=%.0f %s\n",
+           n_prompt, steps + 1, worst, agree, steps + 1, topk_bad, (double)t_cpu / 1e6,
+           (double)t_gpu / 1e6, ok ? "PASS" : "FAIL");
     printf("{\"bench\":\"gpu_compare\",\"model\":\"%s\",\"steps\":%u,\"max_rel\":%.4g,"
            "\"top1\":%.4f,\"pass\":%s}\n",
            path, steps + 1, worst, top1, ok ? "true" : "false");
@@ -238,6 +279,340 @@ out_be:
     return rv;
 }
 
+/* ---- profile: a backend that wraps the CUDA one and times every op ---- */
+
+/*
+ * Each timed op is issued after a sync and followed by one, so its wall time is its GPU
+ * time plus one launch and one sync (a few microseconds: only large ops read true).
+ * Matmuls are also kept per weight shape with the bytes they read, for GB/s.
+ */
+enum prof_op {
+    P_EMBED,
+    P_RMSNORM,
+    P_MATMUL,
+    P_ROPE,
+    P_SWIGLU,
+    P_ADD,
+    P_SOFTMAX,
+    P_COPY_ROWS,
+    P_KV_WRITE,
+    P_ATTENTION,
+    P_TOPK,
+    P_N
+};
+static const char *const prof_names[P_N] = {"embed",    "rmsnorm",   "matmul",  "rope",
+                                            "swiglu",   "add",       "softmax", "copy_rows",
+                                            "kv_write", "attention", "topk"};
+#define PROF_SHAPES 16
+
+struct prof_be {
+    struct kernel_backend base; /* must be first */
+    struct kernel_ops ops;
+    struct kernel_backend *in;
+    double ms[P_N];
+    uint64_t calls[P_N];
+    struct {
+        uint32_t n_out, n_in, n_tok;
+        double ms, bytes;
+        uint64_t calls;
+    } mm[PROF_SHAPES];
+    int n_mm;
+};
+
+static struct prof_be *prof_of(struct kernel_backend *be)
+{
+    return (struct prof_be *)be;
+}
+
+static uint64_t prof_t0(struct prof_be *p)
+{
+    p->in->ops->sync(p->in);
+    return pw_clock_mono_ns();
+}
+
+static void prof_t1(struct prof_be *p, enum prof_op op, uint64_t t0)
+{
+    p->in->ops->sync(p->in);
+    p->ms[op] += (double)(pw_clock_mono_ns() - t0) / 1e6;
+    p->calls[op]++;
+}
+
+static const char *pw_name(const struct kernel_backend *be)
+{
+    return ((const struct prof_be *)be)->in->ops->name(((const struct prof_be *)be)->in);
+}
+static uint32_t pw_caps(const struct kernel_backend *be)
+{
+    return ((const struct prof_be *)be)->in->ops->caps(((const struct prof_be *)be)->in);
+}
+static void pw_destroy(struct kernel_backend *be)
+{
+    (void)be; /* the inner backend is destroyed by its owner */
+}
+#define PIN(be) (prof_of(be)->in)
+static enum pw_err pw_reserve(struct kernel_backend *be, uint32_t a, uint32_t b)
+{
+    return PIN(be)->ops->reserve(PIN(be), a, b);
+}
+static enum pw_err pw_alloc(struct kernel_backend *be, size_t n, void **out)
+{
+    return PIN(be)->ops->alloc(PIN(be), n, out);
+}
+static void pw_free(struct kernel_backend *be, void *ptr)
+{
+    PIN(be)->ops->free(PIN(be), ptr);
+}
+static void pw_upload(struct kernel_backend *be, void *d, const void *s, size_t n)
+{
+    PIN(be)->ops->upload(PIN(be), d, s, n);
+}
+static void pw_download(struct kernel_backend *be, void *d, const void *s, size_t n)
+{
+    PIN(be)->ops->download(PIN(be), d, s, n);
+}
+static enum pw_err pw_sync(struct kernel_backend *be)
+{
+    return PIN(be)->ops->sync(PIN(be));
+}
+static enum pw_err pw_weight_create(struct kernel_backend *be, enum kernel_dtype t, uint32_t o,
+                                    uint32_t i, const void *d, struct kernel_weight **out)
+{
+    return PIN(be)->ops->weight_create(PIN(be), t, o, i, d, out);
+}
+static void pw_weight_destroy(struct kernel_backend *be, struct kernel_weight *w)
+{
+    PIN(be)->ops->weight_destroy(PIN(be), w);
+}
+static enum pw_err pw_kv_create(struct kernel_backend *be, const struct kernel_kv_desc *d,
+                                struct kernel_kv **out)
+{
+    return PIN(be)->ops->kv_create(PIN(be), d, out);
+}
+static void pw_kv_destroy(struct kernel_backend *be, struct kernel_kv *kv)
+{
+    PIN(be)->ops->kv_destroy(PIN(be), kv);
+}
+static void pw_embed(struct kernel_backend *be, const struct kernel_weight *t,
+                     const struct kernel_batch *b, float *out)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->embed(PIN(be), t, b, out);
+    prof_t1(prof_of(be), P_EMBED, t0);
+}
+static void pw_rmsnorm(struct kernel_backend *be, const float *x, const struct kernel_weight *w,
+                       float *y, uint32_t n_tok, uint32_t n, float eps)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->rmsnorm(PIN(be), x, w, y, n_tok, n, eps);
+    prof_t1(prof_of(be), P_RMSNORM, t0);
+}
+static void pw_matmul(struct kernel_backend *be, const float *x, uint32_t n_tok,
+                      const struct kernel_mm *mm, uint32_t n_mm)
+{
+    struct prof_be *p = prof_of(be);
+    for (uint32_t i = 0; i < n_mm; i++) { /* one product at a time, for per-shape figures */
+        uint64_t t0 = prof_t0(p);
+        PIN(be)->ops->matmul(PIN(be), x, n_tok, &mm[i], 1);
+        prof_t1(p, P_MATMUL, t0);
+        double ms = (double)(pw_clock_mono_ns() - t0) / 1e6;
+        const struct kernel_weight_info *wi = &mm[i].w->info;
+        int k;
+        for (k = 0; k < p->n_mm; k++)
+            if (p->mm[k].n_out == wi->n_out && p->mm[k].n_in == wi->n_in && p->mm[k].n_tok == n_tok)
+                break;
+        if (k == p->n_mm && p->n_mm < PROF_SHAPES) {
+            p->mm[k].n_out = wi->n_out;
+            p->mm[k].n_in = wi->n_in;
+            p->mm[k].n_tok = n_tok;
+            p->n_mm++;
+        }
+        if (k < p->n_mm) {
+            p->mm[k].ms += ms;
+            p->mm[k].bytes += (double)kernel_dtype_row_bytes(wi->dtype, wi->n_in) * wi->n_out;
+            p->mm[k].calls++;
+        }
+    }
+}
+static void pw_rope(struct kernel_backend *be, float *x, const struct kernel_batch *b, uint32_t nh,
+                    uint32_t hd, uint32_t rd, float base)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->rope(PIN(be), x, b, nh, hd, rd, base);
+    prof_t1(prof_of(be), P_ROPE, t0);
+}
+static void pw_swiglu(struct kernel_backend *be, const float *g, const float *u, float *o, size_t n)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->swiglu(PIN(be), g, u, o, n);
+    prof_t1(prof_of(be), P_SWIGLU, t0);
+}
+static void pw_add(struct kernel_backend *be, float *y, const float *x, size_t n)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->add(PIN(be), y, x, n);
+    prof_t1(prof_of(be), P_ADD, t0);
+}
+static void pw_softmax(struct kernel_backend *be, float *x, uint32_t r, uint32_t n)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->softmax(PIN(be), x, r, n);
+    prof_t1(prof_of(be), P_SOFTMAX, t0);
+}
+static void pw_copy_rows(struct kernel_backend *be, float *d, const float *s, const int32_t *rows,
+                         uint32_t n, uint32_t len)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->copy_rows(PIN(be), d, s, rows, n, len);
+    prof_t1(prof_of(be), P_COPY_ROWS, t0);
+}
+static void pw_kv_write(struct kernel_backend *be, struct kernel_kv *kv, uint32_t l,
+                        const struct kernel_batch *b, const float *k, const float *v)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->kv_write(PIN(be), kv, l, b, k, v);
+    prof_t1(prof_of(be), P_KV_WRITE, t0);
+}
+static void pw_attention(struct kernel_backend *be, const struct kernel_kv *kv, uint32_t l,
+                         const struct kernel_batch *b, const float *q, float *o, uint32_t nh,
+                         float scale)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->attention(PIN(be), kv, l, b, q, o, nh, scale);
+    prof_t1(prof_of(be), P_ATTENTION, t0);
+}
+static void pw_topk(struct kernel_backend *be, const float *x, uint32_t r, uint32_t n, uint32_t k,
+                    float *v, int32_t *i, float *lse)
+{
+    uint64_t t0 = prof_t0(prof_of(be));
+    PIN(be)->ops->topk(PIN(be), x, r, n, k, v, i, lse);
+    prof_t1(prof_of(be), P_TOPK, t0);
+}
+#undef PIN
+
+static void prof_init(struct prof_be *p, struct kernel_backend *in)
+{
+    memset(p, 0, sizeof(*p));
+    p->in = in;
+    p->ops = (struct kernel_ops){.name = pw_name,
+                                 .caps = pw_caps,
+                                 .destroy = pw_destroy,
+                                 .reserve = pw_reserve,
+                                 .alloc = pw_alloc,
+                                 .free = pw_free,
+                                 .upload = pw_upload,
+                                 .download = pw_download,
+                                 .sync = pw_sync,
+                                 .weight_create = pw_weight_create,
+                                 .weight_destroy = pw_weight_destroy,
+                                 .kv_create = pw_kv_create,
+                                 .kv_destroy = pw_kv_destroy,
+                                 .embed = pw_embed,
+                                 .rmsnorm = pw_rmsnorm,
+                                 .matmul = pw_matmul,
+                                 .rope = pw_rope,
+                                 .swiglu = pw_swiglu,
+                                 .add = pw_add,
+                                 .softmax = pw_softmax,
+                                 .copy_rows = pw_copy_rows,
+                                 .kv_write = pw_kv_write,
+                                 .attention = pw_attention,
+                                 .topk = pw_topk};
+    p->base.ops = &p->ops;
+}
+
+static void prof_reset(struct prof_be *p)
+{
+    memset(p->ms, 0, sizeof p->ms);
+    memset(p->calls, 0, sizeof p->calls);
+    memset(p->mm, 0, sizeof p->mm);
+    p->n_mm = 0;
+}
+
+static void prof_print(const struct prof_be *p, const char *what, int steps)
+{
+    double total = 0;
+    for (int i = 0; i < P_N; i++)
+        total += p->ms[i];
+    printf("profile %s: %.3f ms/step in ops (each op synced: small ops read high)\n", what,
+           total / steps);
+    for (int i = 0; i < P_N; i++)
+        if (p->calls[i])
+            printf("  %-10s %8.3f ms/step %5.1f%%  %6.1f calls/step\n", prof_names[i],
+                   p->ms[i] / steps, 100.0 * p->ms[i] / total, (double)p->calls[i] / steps);
+    for (int k = 0; k < p->n_mm; k++)
+        printf("  matmul %6u x %-6u n_tok=%-5u %8.3f ms/step  %7.0f GB/s of weights\n",
+               p->mm[k].n_out, p->mm[k].n_in, p->mm[k].n_tok, p->mm[k].ms / steps,
+               p->mm[k].bytes / (p->mm[k].ms / 1e3) / 1e9);
+}
+
+static int run_profile(const char *path, const uint32_t *batches, int n_batches, uint32_t ctx,
+                       uint32_t prefill)
+{
+    struct kernel_backend *gpu = NULL;
+    struct prof_be prof;
+    struct runner r;
+    uint32_t max_b = 1;
+    int rv = 1;
+    for (int i = 0; i < n_batches; i++)
+        max_b = batches[i] > max_b ? batches[i] : max_b;
+    if (kernel_cuda_create(NULL, &gpu)) {
+        fprintf(stderr, "bench_gpu: no CUDA backend\n");
+        return 1;
+    }
+    prof_init(&prof, gpu);
+    uint32_t n_ctx = ctx + 16 > prefill ? ctx + 16 : prefill;
+    if (runner_open(&r, &prof.base, path, max_b > prefill ? max_b : prefill, max_b, max_b, n_ctx))
+        goto out_be;
+    const int steps = 5;
+    static const int row_modes[] = {0, 4, 1}; /* per-launch choice, then forced */
+    for (size_t mi = 0; mi < sizeof row_modes / sizeof row_modes[0]; mi++) {
+        int rows = row_modes[mi];
+        kernel_cuda_set_gemv_rows(rows);
+        for (int bi = 0; bi < n_batches; bi++) {
+            uint32_t B = batches[bi];
+            if (rows != 0 && B > 8)
+                continue; /* the rows-per-warp choice matters only to the gemv path */
+            for (int s = 0; s < steps + 1; s++) {
+                if (s == 1)
+                    prof_reset(&prof);
+                for (uint32_t i = 0; i < B; i++) {
+                    r.tokens[i] = prompt_token(i + (uint32_t)s, r.hp->n_vocab);
+                    r.pos[i] = (int32_t)(ctx + (uint32_t)s);
+                    r.seq[i] = (int32_t)i;
+                }
+                runner_step_mode(&r, B, B, true);
+            }
+            char what[64];
+            if (rows)
+                snprintf(what, sizeof what, "decode batch=%u gemv_rows=%d", B, rows);
+            else
+                snprintf(what, sizeof what, "decode batch=%u gemv_rows=auto", B);
+            prof_print(&prof, what, steps);
+        }
+    }
+    kernel_cuda_set_gemv_rows(0);
+    if (prefill) {
+        for (int rep = 0; rep < 2; rep++) {
+            if (rep == 1)
+                prof_reset(&prof);
+            for (uint32_t i = 0; i < prefill; i++) {
+                r.tokens[i] = prompt_token(i * 7, r.hp->n_vocab);
+                r.pos[i] = (int32_t)i;
+                r.seq[i] = 0;
+            }
+            runner_step(&r, prefill, 1);
+        }
+        char what[64];
+        snprintf(what, sizeof what, "prefill %u tokens", prefill);
+        prof_print(&prof, what, 1);
+    }
+    rv = gpu->ops->sync(gpu) ? 1 : 0;
+    runner_close(&r);
+out_be:
+    gpu->ops->destroy(gpu);
+    return rv;
+}
+
 /* ---- bench ---- */
 
 static double dtype_bytes(uint32_t t)
@@ -246,7 +621,7 @@ static double dtype_bytes(uint32_t t)
 }
 
 static int run_bench(const char *path, const uint32_t *batches, int n_batches, uint32_t ctx,
-                     uint32_t prefill, int reps)
+                     uint32_t prefill, int reps, bool full_logits)
 {
     struct kernel_backend *gpu = NULL;
     struct runner r;
@@ -290,7 +665,7 @@ static int run_bench(const char *path, const uint32_t *batches, int n_batches, u
                 r.pos[i] = (int32_t)(ctx + (uint32_t)s);
                 r.seq[i] = (int32_t)i;
             }
-            runner_step(&r, B, B);
+            runner_step_mode(&r, B, B, !full_logits);
         }
         if (gpu->ops->sync(gpu))
             goto out;
@@ -298,11 +673,13 @@ static int run_bench(const char *path, const uint32_t *batches, int n_batches, u
         double step_ms = sec * 1e3 / reps;
         double kvbytes = (double)B * (ctx + 1) * hp->n_layer * 2.0 * kvd * 2.0;
         double bound_ms = (wbytes + kvbytes) / (bw * 1e9) * 1e3;
-        printf("decode batch=%u ctx=%u: %.3f ms/step, %.1f tok/s, bound %.3f ms (%.0f%%)\n", B, ctx,
-               step_ms, B * reps / sec, bound_ms, 100.0 * bound_ms / step_ms);
+        printf("decode batch=%u ctx=%u: %.3f ms/step, %.1f tok/s, bound %.3f ms (%.0f%%)%s\n", B,
+               ctx, step_ms, B * reps / sec, bound_ms, 100.0 * bound_ms / step_ms,
+               full_logits ? " [full logits to host]" : "");
         printf("{\"bench\":\"gpu_decode\",\"batch\":%u,\"ctx\":%u,\"step_ms\":%.4f,"
-               "\"tok_s\":%.1f,\"bound_ms\":%.4f,\"frac\":%.3f}\n",
-               B, ctx, step_ms, B * reps / sec, bound_ms, bound_ms / step_ms);
+               "\"tok_s\":%.1f,\"bound_ms\":%.4f,\"frac\":%.3f,\"full_logits\":%s}\n",
+               B, ctx, step_ms, B * reps / sec, bound_ms, bound_ms / step_ms,
+               full_logits ? "true" : "false");
     }
     if (prefill) {
         uint64_t best = 0;
@@ -344,7 +721,8 @@ static void usage(void)
     fprintf(stderr, "usage: bench_gpu compare MODEL [--prompt N] [--steps N] [--dump PREFIX]\n"
                     "                         [--max-rel X] [--min-top1 F]\n"
                     "       bench_gpu bench MODEL [--batches 1,8,32,64] [--ctx N] [--prefill N]\n"
-                    "                         [--reps N]\n");
+                    "                         [--reps N] [--full-logits]\n"
+                    "       bench_gpu profile MODEL [--batches 1,64] [--ctx N] [--prefill N]\n");
 }
 
 int main(int argc, char **argv)
@@ -362,15 +740,21 @@ int main(int argc, char **argv)
     uint32_t n_prompt = 32, steps = 63, ctx = 512, prefill = 2048;
     int reps = 20;
     const char *dump = NULL;
+    bool full_logits = false;
     double max_rel = 0.05, min_top1 = 0.9;
     uint32_t batches[16] = {1, 8, 32, 64};
     int n_batches = 4;
-    static const struct option lo[] = {
-        {"prompt", required_argument, 0, 'p'},   {"steps", required_argument, 0, 's'},
-        {"dump", required_argument, 0, 'd'},     {"max-rel", required_argument, 0, 'r'},
-        {"min-top1", required_argument, 0, 't'}, {"batches", required_argument, 0, 'b'},
-        {"ctx", required_argument, 0, 'c'},      {"prefill", required_argument, 0, 'f'},
-        {"reps", required_argument, 0, 'n'},     {0, 0, 0, 0}};
+    static const struct option lo[] = {{"prompt", required_argument, 0, 'p'},
+                                       {"steps", required_argument, 0, 's'},
+                                       {"dump", required_argument, 0, 'd'},
+                                       {"max-rel", required_argument, 0, 'r'},
+                                       {"min-top1", required_argument, 0, 't'},
+                                       {"batches", required_argument, 0, 'b'},
+                                       {"ctx", required_argument, 0, 'c'},
+                                       {"prefill", required_argument, 0, 'f'},
+                                       {"reps", required_argument, 0, 'n'},
+                                       {"full-logits", no_argument, 0, 'L'},
+                                       {0, 0, 0, 0}};
     optind = 3;
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -413,6 +797,9 @@ int main(int argc, char **argv)
         case 'n':
             reps = atoi(optarg);
             break;
+        case 'L':
+            full_logits = true;
+            break;
         default:
             usage();
             return 2;
@@ -424,8 +811,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(mode, "compare") == 0)
         return run_compare(path, n_prompt, steps, dump, max_rel, min_top1);
+    if (strcmp(mode, "profile") == 0)
+        return run_profile(path, batches, n_batches, ctx, prefill);
     if (strcmp(mode, "bench") == 0)
-        return run_bench(path, batches, n_batches, ctx, prefill, reps);
+        return run_bench(path, batches, n_batches, ctx, prefill, reps, full_logits);
     usage();
     return 2;
 }

@@ -366,14 +366,14 @@ size_t engine_model_kv_bytes(const struct engine_model *m)
     return m->kv_bytes;
 }
 
-void engine_model_forward(struct engine_model *m, const struct kernel_batch *b,
-                          const int32_t *logit_rows, uint32_t n_logits, float *logits)
+/* The step's ops, up to the logits in m->logits (device memory). */
+static void forward_ops(struct engine_model *m, const struct kernel_batch *b,
+                        const int32_t *logit_rows, uint32_t n_logits)
 {
     const struct engine_hparams *hp = &m->hp;
     struct kernel_backend *be = m->be;
     const struct kernel_ops *ops = be->ops;
     uint32_t n = b->n_tok;
-    PW_ASSERT(n > 0 && n <= m->opts.max_tok && n_logits <= m->opts.max_logits);
     float scale = 1.0f / sqrtf((float)hp->head_dim);
 
     ops->embed(be, m->tok_embd, b, m->x);
@@ -400,5 +400,50 @@ void engine_model_forward(struct engine_model *m, const struct kernel_batch *b,
     ops->copy_rows(be, m->lrows, m->x, logit_rows, n_logits, hp->n_embd);
     ops->rmsnorm(be, m->lrows, m->output_norm, m->lrows, n_logits, hp->n_embd, hp->rms_eps);
     kernel_matmul1(be, m->output, m->lrows, n_logits, m->logits, false);
-    ops->download(be, logits, m->logits, (size_t)n_logits * hp->n_vocab * sizeof(float));
+}
+
+/* Runs the step's ops, as one recorded launch where the backend records steps. */
+static void forward_run(struct engine_model *m, const struct kernel_batch *b,
+                        const int32_t *logit_rows, uint32_t n_logits)
+{
+    struct kernel_backend *be = m->be;
+    const struct kernel_ops *ops = be->ops;
+    PW_ASSERT(b->n_tok > 0 && b->n_tok <= m->opts.max_tok && n_logits <= m->opts.max_logits);
+    enum kernel_step st = KERNEL_STEP_EAGER;
+    if (ops->step_begin)
+        st = ops->step_begin(be, m->kv, b, logit_rows, n_logits);
+    if (st == KERNEL_STEP_REPLAYED)
+        return;
+    forward_ops(m, b, logit_rows, n_logits);
+    if (st == KERNEL_STEP_RECORD && ops->step_end(be) != PW_OK)
+        forward_ops(m, b, logit_rows, n_logits); /* the recording failed and nothing ran */
+}
+
+void engine_model_forward(struct engine_model *m, const struct kernel_batch *b,
+                          const int32_t *logit_rows, uint32_t n_logits, float *logits)
+{
+    forward_run(m, b, logit_rows, n_logits);
+    if (n_logits)
+        m->be->ops->download(m->be, logits, m->logits,
+                             (size_t)n_logits * m->hp.n_vocab * sizeof(float));
+}
+
+const float *engine_model_logits_device(const struct engine_model *m)
+{
+    return m->logits;
+}
+
+bool engine_model_has_topk(const struct engine_model *m)
+{
+    return m->be->ops->topk != NULL;
+}
+
+void engine_model_forward_topk(struct engine_model *m, const struct kernel_batch *b,
+                               const int32_t *logit_rows, uint32_t n_logits, uint32_t k,
+                               float *vals, int32_t *idx, float *lse)
+{
+    PW_ASSERT(m->be->ops->topk && n_logits >= 1 && k >= 1 && k <= KERNEL_TOPK_MAX &&
+              k <= m->hp.n_vocab);
+    forward_run(m, b, logit_rows, n_logits);
+    m->be->ops->topk(m->be, m->logits, n_logits, m->hp.n_vocab, k, vals, idx, lse);
 }

@@ -74,4 +74,20 @@ size_t engine_model_kv_bytes(const struct engine_model *m);
 void engine_model_forward(struct engine_model *m, const struct kernel_batch *b,
                           const int32_t *logit_rows, uint32_t n_logits, float *logits);
 
+/* The last step's logits ([n_logits][n_vocab] floats, backend memory); for tests. */
+const float *engine_model_logits_device(const struct engine_model *m);
+
+/* Whether the backend can pick candidates on the device (engine_model_forward_topk). */
+bool engine_model_has_topk(const struct engine_model *m);
+
+/*
+ * engine_model_forward, but instead of whole logit rows only the k (1..KERNEL_TOPK_MAX)
+ * largest logits of each row cross to the host: vals/idx [n_logits][k] (descending,
+ * lower id first on ties) and lse[n_logits] (the row's log-sum-exp; may be NULL). Needs
+ * engine_model_has_topk(); n_logits >= 1.
+ */
+void engine_model_forward_topk(struct engine_model *m, const struct kernel_batch *b,
+                               const int32_t *logit_rows, uint32_t n_logits, uint32_t k,
+                               float *vals, int32_t *idx, float *lse);
+
 #endif

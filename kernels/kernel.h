@@ -115,6 +115,15 @@ struct kernel_mm {
     bool accumulate; /* true: y += x w^T (fuses a residual add); false: y = x w^T */
 };
 
+/* What ops->step_begin decided (see struct kernel_ops). */
+enum kernel_step {
+    KERNEL_STEP_EAGER = 0,
+    KERNEL_STEP_RECORD,
+    KERNEL_STEP_REPLAYED,
+};
+
+#define KERNEL_TOPK_MAX 64 /* most candidates ops->topk returns per row */
+
 struct kernel_ops {
     /* Short backend name, e.g. "cpu-avx512". */
     const char *(*name)(const struct kernel_backend *be);
@@ -203,6 +212,44 @@ struct kernel_ops {
     void (*attention)(struct kernel_backend *be, const struct kernel_kv *kv, uint32_t layer,
                       const struct kernel_batch *b, const float *q, float *out, uint32_t n_head,
                       float scale);
+
+    /*
+     * Optional (NULL on backends without them): whole-step recording, so a decode step
+     * costs one launch instead of one per op. The caller brackets a forward step's ops:
+     *
+     *   r = step_begin(be, kv, b, logit_rows, n_logits);
+     *   if (r != KERNEL_STEP_REPLAYED) {
+     *       ...issue the step's ops...
+     *       if (r == KERNEL_STEP_RECORD && step_end(be) != PW_OK)
+     *           ...issue them again (the recording failed, nothing ran)...
+     *   }
+     *   ...download the results...
+     *
+     * step_begin takes the batch and the logit rows (host arrays, borrowed for the call)
+     * and makes them the step's inputs. REPLAYED: a recording of an earlier step of the
+     * same shape (n_tok, n_seq, max_blocks, n_logits) ran with them; the caller issues no
+     * ops. RECORD: the caller issues the ops, which are recorded, and step_end runs the
+     * recording. EAGER: the caller issues the ops, which run as usual (a shape the backend
+     * does not record). Every op of a recorded step must read the batch only through the
+     * arguments step_begin saw: the same b and logit_rows. A replay repeats the recorded
+     * ops on the recorded buffers: a caller issues the same ops on the same buffers for
+     * every step of one shape. Freeing or destroying anything, or reserve, drops the
+     * recordings.
+     */
+    enum kernel_step (*step_begin)(struct kernel_backend *be, const struct kernel_kv *kv,
+                                   const struct kernel_batch *b, const int32_t *logit_rows,
+                                   uint32_t n_logits);
+    enum pw_err (*step_end)(struct kernel_backend *be);
+
+    /*
+     * Optional: for each of n_rows rows of x ([n_rows][n] floats, device memory), the k
+     * largest values in descending order and their column indices (ties: the lower index
+     * first), k <= KERNEL_TOPK_MAX and k <= n, into host arrays vals[n_rows][k] and
+     * idx[n_rows][k]; lse[r] (host, may be NULL) = log(sum_j exp(x[r][j])). Waits for the
+     * results, like download. Samplers use it so only the candidates cross to the host.
+     */
+    void (*topk)(struct kernel_backend *be, const float *x, uint32_t n_rows, uint32_t n, uint32_t k,
+                 float *vals, int32_t *idx, float *lse);
 };
 
 /* Every backend starts with this header; the engine calls be->ops->x(be, ...). */

@@ -4,9 +4,9 @@
  *
  * Why a module: linking cudart and cuBLAS into every engine cost a CPU-only engine about
  * 150 MiB of resident memory (bench_engine peak RSS 387.5 MiB linked, 236 MiB not; the
- * loader maps and relocates them) for code it never runs. The module is found through PW_CUDA_PLUGIN (a path), else next to
- * the running executable. It leaves the runtime's logging and assert functions to the
- * executable (built with ENABLE_EXPORTS), so both share one log sink.
+ * loader maps and relocates them) for code it never runs. The module is found through
+ * PW_CUDA_PLUGIN (a path), else next to the running executable. It leaves the runtime's logging and
+ * assert functions to the executable (built with ENABLE_EXPORTS), so both share one log sink.
  *
  * Plain C, also included by the module's C++ (CUDA) side.
  */
@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define KERNEL_CUDA_PLUGIN_ABI 1
+#define KERNEL_CUDA_PLUGIN_ABI 2
 #define KERNEL_CUDA_PLUGIN_FILE "libparkway_cuda.so"
 #define KERNEL_CUDA_PLUGIN_SYMBOL "pw_kernel_cuda_plugin"
 

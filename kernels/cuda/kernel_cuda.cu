@@ -106,6 +106,7 @@ static void cuda_free(struct kernel_backend *be, void *ptr)
     if (!ptr)
         return;
     cuda_enter(cb);
+    cuda_graphs_reset(cb); /* a recording may point at it */
     dev_free(cb, ptr);
 }
 
@@ -236,6 +237,7 @@ static enum pw_err slab_reserve(struct cuda_backend *cb, size_t want)
     if (err)
         return err;
     CUDA_CHECK(cb, cudaStreamSynchronize(cb->stream)); /* the old slab may be in use */
+    cuda_graphs_reset(cb);                             /* recordings point at it */
     dev_free(cb, cb->slab);
     cb->slab = (__half *)p;
     cb->slab_bytes = want;
@@ -326,6 +328,7 @@ static void cuda_weight_destroy(struct kernel_backend *be, struct kernel_weight 
     if (!kw)
         return;
     cuda_enter(cb);
+    cuda_graphs_reset(cb);
     weight_free(cb, (struct cuda_weight *)kw);
 }
 
@@ -400,6 +403,7 @@ static void cuda_kv_destroy(struct kernel_backend *be, struct kernel_kv *kkv)
     if (!kkv)
         return;
     cuda_enter(cb);
+    cuda_graphs_reset(cb);
     struct cuda_kv *kv = (struct cuda_kv *)kkv;
     dev_free(cb, kv->k);
     dev_free(cb, kv->v);
@@ -421,6 +425,9 @@ static void batch_free(struct cuda_backend *cb)
     free(m->h_table);
     free(m->h_need);
     memset(m, 0, sizeof(*m));
+    free(cb->h_rows);
+    cb->h_rows = NULL;
+    cb->rows_n = 0;
 }
 
 static enum pw_err batch_reserve(struct cuda_backend *cb, uint32_t max_tok)
@@ -436,17 +443,26 @@ static enum pw_err batch_reserve(struct cuda_backend *cb, uint32_t max_tok)
     m->h_tokens = (int32_t *)malloc(bytes);
     m->h_pos = (int32_t *)malloc(bytes);
     m->h_seq = (int32_t *)malloc(bytes);
-    if (!m->h_tokens || !m->h_pos || !m->h_seq)
+    cb->h_rows = (int32_t *)malloc(bytes);
+    if (!m->h_tokens || !m->h_pos || !m->h_seq || !cb->h_rows)
         return PW_ERR_NOMEM;
     return PW_OK;
 }
 
-/* Uploads n int32 from host src to device dst and keeps the host copy in cache. */
-static void mirror_put(struct cuda_backend *cb, int32_t *dst, int32_t *cache, const int32_t *src,
+/*
+ * Uploads n int32 from host src to device dst and keeps the host copy in cache. While a
+ * step is recorded nothing may be uploaded (the recording would not hold it): the
+ * recording is spoiled instead and false returned.
+ */
+static bool mirror_put(struct cuda_backend *cb, int32_t *dst, int32_t *cache, const int32_t *src,
                        size_t n)
 {
+    if (cb->recording) {
+        cb->batch.spoiled = true;
+        return false;
+    }
     memcpy(cache, src, n * sizeof(int32_t));
-    CUDA_CHECK(
+    return !CUDA_CHECK(
         cb, cudaMemcpyAsync(dst, cache, n * sizeof(int32_t), cudaMemcpyHostToDevice, cb->stream));
 }
 
@@ -458,22 +474,20 @@ void cuda_batch_sync(struct cuda_backend *cb, const struct kernel_batch *b, unsi
     PW_ASSERT(n >= 1 && n <= cb->max_tok);
     if (what & CUDA_BATCH_TOKENS) {
         if (m->n_tokens != n || memcmp(m->h_tokens, b->tokens, n * sizeof(int32_t)) != 0) {
-            mirror_put(cb, m->d_tokens, m->h_tokens, b->tokens, n);
-            m->n_tokens = n;
+            m->n_tokens = 0;
+            if (mirror_put(cb, m->d_tokens, m->h_tokens, b->tokens, n))
+                m->n_tokens = n;
         }
     }
     if (what & (CUDA_BATCH_POS | CUDA_BATCH_TABLE)) {
         if (m->n_posseq != n || memcmp(m->h_pos, b->pos, n * sizeof(int32_t)) != 0 ||
             memcmp(m->h_seq, b->seq, n * sizeof(int32_t)) != 0) {
-            int32_t mx = 0;
-            for (uint32_t i = 0; i < n; i++) {
+            for (uint32_t i = 0; i < n; i++)
                 PW_ASSERT(b->pos[i] >= 0);
-                mx = b->pos[i] > mx ? b->pos[i] : mx;
-            }
-            mirror_put(cb, m->d_pos, m->h_pos, b->pos, n);
-            mirror_put(cb, m->d_seq, m->h_seq, b->seq, n);
-            m->n_posseq = n;
-            m->max_pos = mx;
+            m->n_posseq = 0;
+            if (mirror_put(cb, m->d_pos, m->h_pos, b->pos, n) &&
+                mirror_put(cb, m->d_seq, m->h_seq, b->seq, n))
+                m->n_posseq = n;
         }
     }
     if (!(what & CUDA_BATCH_TABLE))
@@ -507,8 +521,13 @@ void cuda_batch_sync(struct cuda_backend *cb, const struct kernel_batch *b, unsi
     }
     if (same)
         return;
+    if (cb->recording) {
+        m->spoiled = true;
+        return;
+    }
     size_t entries = (size_t)b->n_seq * b->max_blocks;
     if (entries > m->table_cap) {
+        cuda_graphs_reset(cb); /* recordings point at the old table */
         /* Grows once per larger table shape; the old buffer may still be read by queued
          * kernels, so wait for them before freeing it. */
         CUDA_CHECK(cb, cudaStreamSynchronize(cb->stream));
@@ -526,9 +545,11 @@ void cuda_batch_sync(struct cuda_backend *cb, const struct kernel_batch *b, unsi
         }
         m->table_cap = entries;
     }
-    mirror_put(cb, m->d_table, m->h_table, b->block_table, entries);
-    m->n_seq = b->n_seq;
-    m->max_blocks = b->max_blocks;
+    m->n_seq = 0;
+    if (mirror_put(cb, m->d_table, m->h_table, b->block_table, entries)) {
+        m->n_seq = b->n_seq;
+        m->max_blocks = b->max_blocks;
+    }
 }
 
 /* ---- lifecycle ---- */
@@ -546,13 +567,20 @@ static uint32_t cuda_caps(const struct kernel_backend *be)
 
 static void scratch_free(struct cuda_backend *cb)
 {
+    cuda_graphs_reset(cb);
     dev_free(cb, cb->xh);
-    dev_free(cb, cb->xscale);
+    dev_free(cb, cb->gemm_consts);
     dev_free(cb, cb->d_rows);
+    dev_free(cb, cb->d_map);
+    dev_free(cb, cb->topk_buf);
+    cb->topk_buf = NULL;
+    free(cb->h_map);
+    cb->d_map = NULL;
+    cb->h_map = NULL;
     dev_free(cb, cb->attn_o);
     dev_free(cb, cb->attn_ml);
     cb->xh = NULL;
-    cb->xscale = NULL;
+    cb->gemm_consts = NULL;
     cb->d_rows = NULL;
     cb->attn_o = NULL;
     cb->attn_ml = NULL;
@@ -568,8 +596,14 @@ static void cuda_destroy(struct kernel_backend *be)
     struct cuda_backend *cb = cuda_cb(be);
     cuda_enter(cb);
     CUDA_CHECK(cb, cudaStreamSynchronize(cb->stream));
+    if (cb->steps_replayed || cb->steps_recorded || cb->steps_eager)
+        PW_LOG_INFO("event=kernel_cuda_steps replayed=%llu recorded=%llu eager=%llu graphs_off=%d",
+                    (unsigned long long)cb->steps_replayed, (unsigned long long)cb->steps_recorded,
+                    (unsigned long long)cb->steps_eager, (int)cb->graphs_off);
     scratch_free(cb);
     dev_free(cb, cb->slab);
+    dev_free(cb, cb->att_ws);
+    dev_free(cb, cb->blas_ws);
     if (cb->blas)
         CUBLAS_CHECK(cb, cublasDestroy(cb->blas));
     if (cb->stream)
@@ -590,11 +624,25 @@ static enum pw_err cuda_reserve(struct kernel_backend *be, uint32_t max_tok, uin
     size_t attn_rows = CUDA_ATTN_SPLIT_ROWS;
     size_t heads = (max_cols + 1) / 2;
     if ((err = dev_alloc(cb, (size_t)max_tok * max_cols * 2, &cb->xh)) ||
-        (err = dev_alloc(cb, (size_t)max_tok * sizeof(float), (void **)&cb->xscale)) ||
+        (err = dev_alloc(cb, 4 * sizeof(float), (void **)&cb->gemm_consts)) ||
         (err = dev_alloc(cb, (size_t)max_tok * sizeof(int32_t), (void **)&cb->d_rows)) ||
+        (err = dev_alloc(cb, (size_t)max_tok * sizeof(int32_t), (void **)&cb->d_map)) ||
+        (err = dev_alloc(cb, (size_t)max_tok * (KERNEL_TOPK_MAX * 8 + 4 + CUDA_TOPK_SCRATCH) + 16,
+                         (void **)&cb->topk_buf)) ||
         (err = dev_alloc(cb, attn_rows * max_cols * sizeof(float), (void **)&cb->attn_o)) ||
         (err = dev_alloc(cb, attn_rows * heads * 2 * sizeof(float), (void **)&cb->attn_ml)) ||
         (err = batch_reserve(cb, max_tok))) {
+        scratch_free(cb);
+        return err;
+    }
+    cb->h_map = (int32_t *)malloc((size_t)max_tok * sizeof(int32_t));
+    if (!cb->h_map) {
+        scratch_free(cb);
+        return PW_ERR_NOMEM;
+    }
+    const float consts[4] = {1.0f, 0.0f, 1.0f, 0.0f};
+    if ((err = CUDA_CHECK(
+             cb, cudaMemcpy(cb->gemm_consts, consts, sizeof consts, cudaMemcpyHostToDevice)))) {
         scratch_free(cb);
         return err;
     }
@@ -627,6 +675,9 @@ static const struct kernel_ops cuda_ops = {
     .copy_rows = cuda_op_copy_rows,
     .kv_write = cuda_op_kv_write,
     .attention = cuda_op_attention,
+    .step_begin = cuda_step_begin,
+    .step_end = cuda_step_end,
+    .topk = cuda_op_topk,
 };
 
 extern "C" int kernel_cuda_device_count(void)
@@ -662,7 +713,9 @@ extern "C" enum pw_err kernel_cuda_create(const struct kernel_cuda_opts *opts,
         (err = CUDA_CHECK(cb, cudaGetDeviceProperties(&prop, device))) ||
         (err = CUDA_CHECK(cb, cudaStreamCreateWithFlags(&cb->stream, cudaStreamNonBlocking))) ||
         (err = CUBLAS_CHECK(cb, cublasCreate(&cb->blas))) ||
-        (err = CUBLAS_CHECK(cb, cublasSetStream(cb->blas, cb->stream)))) {
+        (err = CUBLAS_CHECK(cb, cublasSetStream(cb->blas, cb->stream))) ||
+        (err = dev_alloc(cb, CUDA_BLAS_WS, &cb->blas_ws)) ||
+        (err = CUBLAS_CHECK(cb, cublasSetWorkspace(cb->blas, cb->blas_ws, CUDA_BLAS_WS)))) {
         cb->err = PW_OK;
         cuda_destroy(&cb->base);
         return err;

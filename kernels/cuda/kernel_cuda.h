@@ -53,6 +53,10 @@ enum pw_err kernel_cuda_mem_info(struct kernel_backend *be, size_t *free_bytes,
  * the cuBLAS BF16 GEMM rate in TFLOP/s (8192^3 with F32 accumulation, best of several).
  * Both allocate and free their own buffers; neither is meant for the serving path.
  */
+/* Rows per warp of the decode matrix-vector kernel: 1, 2 or 4, or 0 to choose per launch
+ * (the default); for benchmarks comparing them, process-wide. */
+void kernel_cuda_set_gemv_rows(int rows);
+
 enum pw_err kernel_cuda_probe_bandwidth(struct kernel_backend *be, double *gbps);
 enum pw_err kernel_cuda_probe_gemm(struct kernel_backend *be, double *tflops);
 

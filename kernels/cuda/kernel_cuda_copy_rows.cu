@@ -26,9 +26,9 @@ void cuda_op_copy_rows(struct kernel_backend *be, float *dst, const float *src, 
     for (uint32_t i = 0; i < n; i++)
         PW_ASSERT(rows[i] >= 0);
     cuda_enter(cb);
-    /* d_rows is reused by the next call only after this kernel (same stream). */
-    if (CUDA_CHECK(cb, cudaMemcpyAsync(cb->d_rows, rows, n * sizeof(int32_t),
-                                       cudaMemcpyHostToDevice, cb->stream)))
+    /* d_rows is reused by the next call only after this kernel (same stream); a recorded
+     * step's rows were put there by step_begin. */
+    if (!cuda_rows_put(cb, rows, n))
         return;
     unsigned bx = (row_len + 255) / 256;
     copy_rows_kernel<<<dim3(bx > 64 ? 64 : bx, n), 256, 0, cb->stream>>>(dst, src, cb->d_rows,

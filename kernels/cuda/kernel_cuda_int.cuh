@@ -38,7 +38,7 @@ extern "C" {
 
 #define CUDA_MV_MAX_TOK 8           /* matmuls of up to this many rows use the matvec kernel */
 #define CUDA_SLAB_BYTES (64u << 20) /* dequantize-to-F16 scratch for quantized GEMMs */
-#define CUDA_ATTN_SPLIT_ROWS 128    /* (split, token) pairs of attention partials reserved */
+#define CUDA_ATTN_SPLIT_ROWS 1024   /* (split, token) pairs of attention partials reserved */
 #define CUDA_ATTN_MAX_HEAD_DIM 256
 #define CUDA_MM_MAX 8 /* products per matmul call (as the CPU backend) */
 
@@ -95,8 +95,19 @@ struct cuda_batch {
     uint32_t n_posseq; /* rows valid in h_pos/h_seq */
     uint32_t n_seq;    /* shape of h_table (0: none) */
     uint32_t max_blocks;
-    int32_t max_pos; /* of the rows in h_pos */
+    bool spoiled; /* an upload was needed while recording (kernel_cuda_graph.cu) */
 };
+
+/* One recorded decode step (ops->step_begin): a CUDA graph and the shape it was made for. */
+struct cuda_graph {
+    uint32_t n_tok, n_seq, max_blocks, n_logits;
+    cudaGraphExec_t exec;
+};
+
+#define CUDA_TOPK_SCRATCH (64 * 16) /* bytes per row of top-1 segment partials (topk.cu) */
+#define CUDA_GRAPH_MAX 64           /* recorded shapes kept per backend */
+#define CUDA_GRAPH_MAX_TOK 64       /* steps of more rows run eagerly (prefill, big batches) */
+#define CUDA_BLAS_WS (32u << 20)    /* cuBLAS workspace: fixed, so GEMMs can be recorded */
 
 struct cuda_backend {
     struct kernel_backend base; /* must be first */
@@ -108,16 +119,34 @@ struct cuda_backend {
     cublasHandle_t blas;
     enum pw_err err; /* first failure since the last sync */
 
-    uint32_t max_tok;  /* reserved rows per step */
-    uint32_t max_cols; /* reserved row width */
-    void *xh;          /* [max_tok][max_cols] F16/BF16 copy of a GEMM input */
-    float *xscale;     /* [max_tok] power-of-two row scales of xh */
-    int32_t *d_rows;   /* [max_tok] copy_rows indices */
-    float *attn_o;     /* [CUDA_ATTN_SPLIT_ROWS][max_cols] split-attention partials */
-    float *attn_ml;    /* [CUDA_ATTN_SPLIT_ROWS][max_cols / 2][2] their (max, sum) */
-    __half *slab;      /* dequantized weight rows for quantized GEMMs */
+    uint32_t max_tok;   /* reserved rows per step */
+    uint32_t max_cols;  /* reserved row width */
+    void *xh;           /* [max_tok][max_cols] F16/BF16 copy of a GEMM input */
+    float *gemm_consts; /* [4]: the GEMM path's alpha, 0, 1 and amax (matmul.cu) */
+    int32_t *d_rows;    /* [max_tok] copy_rows indices */
+    int32_t *d_map;     /* [max_tok] attention's row map (rows not in a prefill run) */
+    int32_t *h_map;     /* [max_tok] its host side */
+    float *topk_buf;    /* ops->topk results: [max_tok][TOPK_MAX] values, indices, [max_tok] lse */
+    float *attn_o;      /* [CUDA_ATTN_SPLIT_ROWS][max_cols] split-attention partials */
+    float *attn_ml;     /* [CUDA_ATTN_SPLIT_ROWS][max_cols / 2][2] their (max, sum) */
+    __half *slab;       /* dequantized weight rows for quantized GEMMs */
     size_t slab_bytes;
     struct cuda_batch batch;
+    void *blas_ws; /* CUDA_BLAS_WS bytes, owned */
+
+    /* prefill attention through cuBLAS (kernel_cuda_attention.cu), grown on demand */
+    void *att_ws;
+    size_t att_ws_bytes;
+
+    /* step recording (kernel_cuda_graph.cu) */
+    struct cuda_graph graphs[CUDA_GRAPH_MAX];
+    uint32_t n_graphs;
+    bool recording;        /* between a step_begin that returned RECORD and its step_end */
+    struct cuda_graph rec; /* the shape being recorded */
+    bool graphs_off;       /* PW_CUDA_GRAPHS=0, or a recording failed */
+    uint32_t rows_n;       /* logit rows the mirror holds in d_rows (valid while recording) */
+    int32_t *h_rows;       /* [max_tok] host copy of d_rows */
+    uint64_t steps_replayed, steps_recorded, steps_eager; /* logged at destroy */
 };
 
 static inline struct cuda_backend *cuda_cb(struct kernel_backend *be)
@@ -162,6 +191,17 @@ void cuda_batch_sync(struct cuda_backend *cb, const struct kernel_batch *b, unsi
                      uint32_t block_tokens, uint32_t n_blocks);
 
 struct cuda_wview cuda_weight_view(const struct kernel_weight *kw);
+
+/* ---- step recording (kernel_cuda_graph.cu) ---- */
+enum kernel_step cuda_step_begin(struct kernel_backend *be, const struct kernel_kv *kv,
+                                 const struct kernel_batch *b, const int32_t *logit_rows,
+                                 uint32_t n_logits);
+enum pw_err cuda_step_end(struct kernel_backend *be);
+/* Drops every recording: call before freeing or moving anything a recording points at. */
+void cuda_graphs_reset(struct cuda_backend *cb);
+/* Puts logit rows into d_rows (uploading only when they changed); false on a CUDA error or
+ * when a recording would need an upload it cannot hold. */
+bool cuda_rows_put(struct cuda_backend *cb, const int32_t *rows, uint32_t n);
 
 /* Element k of row r of a weight, dequantized exactly as kernel_dequantize_row does. */
 __device__ __forceinline__ float cuda_weight_at(const struct cuda_wview &w, uint32_t r, uint32_t k)
@@ -221,6 +261,8 @@ void cuda_op_copy_rows(struct kernel_backend *be, float *dst, const float *src, 
                        uint32_t n, uint32_t row_len);
 void cuda_op_kv_write(struct kernel_backend *be, struct kernel_kv *kv, uint32_t layer,
                       const struct kernel_batch *b, const float *k, const float *v);
+void cuda_op_topk(struct kernel_backend *be, const float *x, uint32_t n_rows, uint32_t n,
+                  uint32_t k, float *vals, int32_t *idx, float *lse);
 void cuda_op_attention(struct kernel_backend *be, const struct kernel_kv *kv, uint32_t layer,
                        const struct kernel_batch *b, const float *q, float *out, uint32_t n_head,
                        float scale);

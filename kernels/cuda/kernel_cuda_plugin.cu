@@ -5,6 +5,7 @@
 #include "kernel_cuda.h"
 #include "kernel_cuda_plugin.h"
 
-extern "C" __attribute__((visibility("default"))) const struct kernel_cuda_plugin
-    pw_kernel_cuda_plugin = {KERNEL_CUDA_PLUGIN_ABI, (uint32_t)sizeof(struct kernel_ops),
-                             kernel_cuda_device_count, kernel_cuda_create};
+extern "C" __attribute__((visibility("default")))
+const struct kernel_cuda_plugin pw_kernel_cuda_plugin = {
+    KERNEL_CUDA_PLUGIN_ABI, (uint32_t)sizeof(struct kernel_ops), kernel_cuda_device_count,
+    kernel_cuda_create};

@@ -27,6 +27,7 @@ START=$SECONDS
 JOBS="$(nproc 2>/dev/null || echo 8)"
 mkdir -p "$WORK/models" "$WORK/logs" "$WORK/out"
 SUMMARY=()
+PROFILES=()
 FAILED=0
 
 log() { printf '[check %3ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -48,6 +49,12 @@ run_to() {
 }
 
 print_summary() {
+    local f
+    for f in "${PROFILES[@]}"; do
+        echo
+        echo "== $(basename "$f" .log)"
+        grep -E '^(profile|  )' "$f"
+    done
     echo
     echo "==================== parkway GPU check summary ===================="
     echo "device: ${GPU_NAME:-unknown} (cc ${GPU_CC:-?}), $(date -u +%Y-%m-%dT%H:%M:%SZ), $((SECONDS - START)) s"
@@ -131,8 +138,29 @@ build_min() {
     BIN_GEN="$M/parkway-gguf-gen"
     BIN_BENCH="$M/bench_gpu"
 }
+# Binaries built elsewhere (tests/gpu/bundle.sh): used when they start here, which saves
+# the build's minutes of device time; a bundle that cannot run falls back to building.
+use_prebuilt() {
+    local P="${PW_GPU_PREBUILT:-}"
+    [ -n "$P" ] && [ -x "$P/bin/bench_gpu" ] || return 1
+    export LD_LIBRARY_PATH="$P/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    local f
+    for f in bench_gpu parkway-gguf-gen test_cuda_ops; do
+        if ! ldd "$P/bin/$f" >"$WORK/logs/ldd-$f.log" 2>&1 ||
+            grep -q 'not found' "$WORK/logs/ldd-$f.log"; then
+            log "prebuilt $f cannot start here:"
+            grep 'not found' "$WORK/logs/ldd-$f.log"
+            return 1
+        fi
+    done
+    BIN_GEN="$P/bin/parkway-gguf-gen"
+    BIN_BENCH="$P/bin/bench_gpu"
+    BIN_TEST="$P/bin/test_cuda_ops"
+}
 log "building (logs in $WORK/logs)"
-if [ "${PW_GPU_BUILD:-auto}" != min ] && build_cmake; then
+if use_prebuilt; then
+    row build "prebuilt $(cat "$PW_GPU_PREBUILT/ARCH" 2>/dev/null)" "ok" "$PW_GPU_PREBUILT"
+elif [ "${PW_GPU_BUILD:-auto}" != min ] && build_cmake; then
     row build "cmake Release sm_$ARCH" "ok" "$((SECONDS - START)) s"
 else
     if [ "${PW_GPU_BUILD:-auto}" != min ]; then
@@ -147,6 +175,32 @@ else
         exit 1
     fi
 fi
+
+# ---- models, generated in the background while the tests run (one process each) ----
+# name shape type extra-args compare-steps
+MODELS=(
+    "smollm2-f16 smollm2-135m f16 - 63"
+    "llama8b-l4-f16 llama-3-8b f16 --n-layer=4 15"
+    "llama1b-f16 llama-3.2-1b f16 - 31"
+    "smollm2-q4_0 smollm2-135m q4_0 - 63"
+    "smollm2-q8_0 smollm2-135m q8_0 - 63"
+    "llama1b-q4_0 llama-3.2-1b q4_0 - 31"
+    "llama8b-l4-q4_0 llama-3-8b q4_0 --n-layer=4 15"
+)
+declare -A GENPID
+gen_args() { # name shape type extra -> the generator's arguments
+    local a=(--out "$WORK/models/$1.gguf" --shape "$2" --type "$3" --seed 7)
+    [ "$4" != "-" ] && a+=("${4%%=*}" "${4#*=}")
+    echo "${a[@]}"
+}
+for spec in "${MODELS[@]}"; do
+    read -r name shape type extra steps <<<"$spec"
+    [ -s "$WORK/models/$name.gguf" ] && continue
+    # shellcheck disable=SC2046 # the arguments hold no spaces
+    run_to 150 "$WORK/logs/gen-$name.log" "$BIN_GEN" $(gen_args "$name" "$shape" "$type" "$extra") &
+    GENPID[$name]=$!
+done
+log "generating ${#GENPID[@]} models in the background"
 
 # ---- 2. cuda tests ----
 log "cuda tests"
@@ -166,7 +220,7 @@ if [ "$rc" = 0 ] && grep -q '(Skipped)' "$WORK/logs/ctest.log"; then
     rc=77
 fi
 case $rc in
-0) row test "ctest -L cuda" "ok" "$(grep -Eo '[0-9]+% tests passed.*' "$WORK/logs/ctest.log" | head -1)" ;;
+0) row test "cuda tests" "ok" "$(grep -Eo '[0-9]+% tests passed.*|PASSED.*' "$WORK/logs/ctest.log" | head -1)" ;;
 -1) row test "test_cuda_ops" "skip" "not built (no cmocka)" ;;
 77) fail_row test "ctest -L cuda" "skipped: the test saw no CUDA device" ;;
 *)
@@ -176,16 +230,6 @@ case $rc in
 esac
 
 # ---- 3. models and correctness ----
-# name shape type extra-args compare-steps
-MODELS=(
-    "smollm2-f16 smollm2-135m f16 - 63"
-    "llama8b-l4-f16 llama-3-8b f16 --n-layer=4 15"
-    "llama1b-f16 llama-3.2-1b f16 - 31"
-    "smollm2-q4_0 smollm2-135m q4_0 - 63"
-    "smollm2-q8_0 smollm2-135m q8_0 - 63"
-    "llama1b-q4_0 llama-3.2-1b q4_0 - 31"
-    "llama8b-l4-q4_0 llama-3-8b q4_0 --n-layer=4 15"
-)
 declare -A MPATH
 for spec in "${MODELS[@]}"; do
     read -r name shape type extra steps <<<"$spec"
@@ -194,19 +238,15 @@ for spec in "${MODELS[@]}"; do
         continue
     fi
     f="$WORK/models/$name.gguf"
-    args=(--out "$f" --shape "$shape" --type "$type" --seed 7)
-    [ "$extra" != "-" ] && args+=("${extra%%=*}" "${extra#*=}")
-    if [ ! -s "$f" ]; then
-        log "generating $name"
-        if ! run_to 90 "$WORK/logs/gen-$name.log" "$BIN_GEN" "${args[@]}"; then
-            rm -f "$f"
-            fail_row model "$name" "parkway-gguf-gen failed: logs/gen-$name.log"
-            continue
-        fi
+    if [ -n "${GENPID[$name]:-}" ] && ! wait "${GENPID[$name]}"; then
+        rm -f "$f"
+        fail_row model "$name" "parkway-gguf-gen failed: logs/gen-$name.log"
+        continue
     fi
     MPATH[$name]="$f"
     log "compare $name (CPU vs CUDA, $((steps + 1)) steps)"
-    run_to 90 "$WORK/logs/compare-$name.log" "$BIN_BENCH" compare "$f" --prompt 32 \
+    # a 160-token prompt: its prefill takes the cuBLAS attention path (runs of >= 128 rows)
+    run_to 90 "$WORK/logs/compare-$name.log" "$BIN_BENCH" compare "$f" --prompt 160 \
         --steps "$steps" --dump "$WORK/out/$name"
     rc=$?
     line="$(grep '^compare:' "$WORK/logs/compare-$name.log" | head -1)"
@@ -265,5 +305,46 @@ for name in llama8b-l4-f16 llama1b-f16 smollm2-f16 llama8b-l4-q4_0 llama1b-q4_0 
     done < <(grep -E '^(decode|prefill)' "$WORK/logs/bench-$name.log")
 done
 [ -n "${DEVLINE:-}" ] && row bench "device bounds" "ok" "${DEVLINE#device: }"
+# what copying every logit row to the host (a host-side sampler) costs, for comparison
+if [ -n "${MPATH[llama8b-l4-f16]:-}" ] && (($(left) >= 45)); then
+    run_to 60 "$WORK/logs/bench-full-logits.log" "$BIN_BENCH" bench "${MPATH[llama8b-l4-f16]}" \
+        --batches 1,64 --ctx 512 --prefill 0 --reps 20 --full-logits
+    while read -r l; do
+        row bench "llama8b-l4-f16 full" "ok" "$l"
+    done < <(grep -E '^decode' "$WORK/logs/bench-full-logits.log")
+fi
+
+# ---- where the time goes (printed above the summary) ----
+PROFILES=()
+for spec in "llama8b-l4-f16 1,64 2048" "llama8b-l4-q4_0 1 0" "smollm2-f16 1 0"; do
+    read -r name bs pf <<<"$spec"
+    [ -n "${MPATH[$name]:-}" ] || continue
+    (($(left) >= 60)) || break
+    log "profile $name"
+    if run_to 45 "$WORK/logs/profile-$name.log" "$BIN_BENCH" profile "${MPATH[$name]}" \
+        --batches "$bs" --ctx 512 --prefill "$pf"; then
+        PROFILES+=("$WORK/logs/profile-$name.log")
+    else
+        row profile "$name" "skip" "rc=$?, see logs/profile-$name.log"
+    fi
+done
+
+# ---- 5. memory checker over the op tests, when there is time left ----
+if [ -n "$BIN_TEST" ] && command -v compute-sanitizer >/dev/null 2>&1; then
+    if (($(left) >= 90)); then
+        log "compute-sanitizer memcheck test_cuda_ops"
+        run_to 75 "$WORK/logs/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 9 \
+            "$BIN_TEST"
+        rc=$?
+        summ="$(grep -E 'ERROR SUMMARY' "$WORK/logs/memcheck.log" | tail -1)"
+        case $rc in
+        0) row memcheck "test_cuda_ops" "ok" "${summ:-clean}" ;;
+        124 | 137) row memcheck "test_cuda_ops" "skip" "timed out" ;;
+        *) fail_row memcheck "test_cuda_ops" "rc=$rc ${summ}" ;;
+        esac
+    else
+        row memcheck "test_cuda_ops" "skip" "out of time"
+    fi
+fi
 
 exit $FAILED

@@ -122,14 +122,26 @@ def build_model(r, torch, transformers):
     n_layer = int(kv[f"{a}.block_count"])
     emb = r.tensor("token_embd.weight")
     tied = "output.weight" not in r.tensors
-    cfg = transformers.LlamaConfig(
+    theta = float(kv.get(f"{a}.rope.freq_base", 10000.0))
+    ckw = dict(
         vocab_size=emb.shape[0], hidden_size=n_embd,
         intermediate_size=int(kv[f"{a}.feed_forward_length"]), num_hidden_layers=n_layer,
         num_attention_heads=n_head, num_key_value_heads=n_head_kv,
+        head_dim=n_embd // n_head,
         rms_norm_eps=float(kv[f"{a}.attention.layer_norm_rms_epsilon"]),
-        rope_theta=float(kv.get(f"{a}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(kv.get(f"{a}.context_length", 4096)),
         tie_word_embeddings=tied, attention_bias=False, mlp_bias=False)
+    # transformers 5 keeps the RoPE base in rope_parameters; 4.x in rope_theta.
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        ckw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    else:
+        ckw["rope_theta"] = theta
+    cfg = transformers.LlamaConfig(**ckw)
+    got = getattr(cfg, "rope_theta", None)
+    if got is None:
+        got = cfg.rope_parameters["rope_theta"]
+    if abs(float(got) - theta) > 1e-6 * theta:
+        raise ValueError(f"config kept rope_theta={got}, wanted {theta}")
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": r.tensor("output_norm.weight")}
     if not tied:
         sd["lm_head.weight"] = r.tensor("output.weight")
@@ -144,13 +156,19 @@ def build_model(r, torch, transformers):
         sd[p + "mlp.down_proj.weight"] = r.tensor(g + "ffn_down.weight")
         sd[p + "input_layernorm.weight"] = r.tensor(g + "attn_norm.weight")
         sd[p + "post_attention_layernorm.weight"] = r.tensor(g + "ffn_norm.weight")
-    with torch.device("meta"):
+    # Built on the GPU (not on "meta"): buffers computed at init, such as the rotary
+    # frequencies, are not in the state dict and must exist for real.
+    with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg)
     sd = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=False, assign=True)
+    res = model.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if not (tied and k == "lm_head.weight")]
+    if missing or res.unexpected_keys:
+        raise ValueError(f"state dict mismatch: missing={missing} "
+                         f"unexpected={res.unexpected_keys}")
     if tied:
         model.tie_weights()
-    return model.to("cuda").eval()
+    return model.eval()
 
 
 def main():
@@ -186,10 +204,12 @@ def main():
         model16 = model.to(torch.bfloat16)
         for bs in (1, 32):
             inp = torch.tensor([tokens[:n_prompt]] * bs, device="cuda")
-            model16.generate(inp, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+            model16.generate(inp, max_new_tokens=4, do_sample=False, min_new_tokens=4,
+                             pad_token_id=0)
             torch.cuda.synchronize()
             t0 = time.time()
-            model16.generate(inp, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+            model16.generate(inp, max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                             pad_token_id=0)
             torch.cuda.synchronize()
             gen += f" hf_bf16_tok_s_b{bs}={bs * 32 / (time.time() - t0):.0f}"
     print(f"hf_compare: steps={n} max_rel={max(rel):.3g} top1={agree}/{n}{gen} "
