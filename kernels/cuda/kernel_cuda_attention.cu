@@ -33,7 +33,7 @@
 #define ATT_REP 4 /* query heads per CTA */
 /* half2 pairs per lane: a template parameter (1, 2 or 4 for head dims up to 64, 128,
  * 256), so a 128-wide head does not pay registers (and occupancy) for 256. */
-#define ATT_MIN_CHUNK 64                 /* keys per split, at least */
+#define ATT_MIN_CHUNK 16                 /* keys per split, at least */
 #define ATT_GEMM_MIN 128                 /* prefill runs of this many rows use cuBLAS */
 #define ATT_GEMM_TILE_BYTES (256u << 20) /* scores + P of one query tile, at most */
 #define ATT_GEMM_TILE_ROWS 256           /* query rows per tile, at most */
@@ -291,6 +291,50 @@ __global__ void attn_softmax_causal_kernel(const float *sc, __half *p, uint32_t 
         pr[j] = __float2half_rn(j < limit ? expf(sr[j] - mx) * inv : 0.0f);
 }
 
+/* The same for rows of at most ATT_SM_KEYS keys: the row is read once into shared
+ * memory instead of three times from global memory. */
+#define ATT_SM_KEYS 8192
+__global__ void attn_softmax_causal_sm_kernel(const float *sc, __half *p, uint32_t rows,
+                                              uint32_t n_keys, uint32_t first_pos)
+{
+    extern __shared__ float srow[];
+    __shared__ float red[32];
+    const size_t row = blockIdx.x;
+    const uint32_t limit = min(n_keys, first_pos + (uint32_t)(row % rows) + 1);
+    const float *sr = sc + row * n_keys;
+    __half *pr = p + row * n_keys;
+    float mx = -INFINITY;
+    for (uint32_t j = threadIdx.x; j < limit; j += blockDim.x) {
+        float v = sr[j];
+        srow[j] = v;
+        mx = fmaxf(mx, v);
+    }
+    mx = cuda_warp_max(mx);
+    if (threadIdx.x % 32 == 0)
+        red[threadIdx.x / 32] = mx;
+    __syncthreads();
+    mx = -INFINITY;
+    for (uint32_t w = 0; w < blockDim.x / 32; w++)
+        mx = fmaxf(mx, red[w]);
+    __syncthreads();
+    float sum = 0.0f;
+    for (uint32_t j = threadIdx.x; j < limit; j += blockDim.x) {
+        float e = expf(srow[j] - mx);
+        srow[j] = e;
+        sum += e;
+    }
+    sum = cuda_warp_sum(sum);
+    if (threadIdx.x % 32 == 0)
+        red[threadIdx.x / 32] = sum;
+    __syncthreads();
+    sum = 0.0f;
+    for (uint32_t w = 0; w < blockDim.x / 32; w++)
+        sum += red[w];
+    float inv = 1.0f / sum;
+    for (uint32_t j = threadIdx.x; j < n_keys; j += blockDim.x)
+        pr[j] = __float2half_rn(j < limit ? srow[j] * inv : 0.0f);
+}
+
 static void *att_ws_get(struct cuda_backend *cb, size_t bytes)
 {
     if (bytes <= cb->att_ws_bytes)
@@ -383,8 +427,20 @@ static void attn_gemm_run(struct cuda_backend *cb, const struct cuda_kv *kv, siz
                                     &scale, ptrs, CUDA_R_16F, (int)hd, ptrs + n_head, CUDA_R_16F,
                                     (int)hd, &zero, (void *const *)(ptrs + 2 * n_head), CUDA_R_32F,
                                     (int)nk, (int)n_head, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        attn_softmax_causal_kernel<<<n_head * rows, 256, 0, cb->stream>>>(sc, pm, rows, nk,
-                                                                          p0 + i0);
+        if (nk <= ATT_SM_KEYS) {
+            size_t smem = (size_t)nk * sizeof(float);
+            if (smem > 48 * 1024 && !cb->att_sm_attr) {
+                CUDA_CHECK(cb, cudaFuncSetAttribute(attn_softmax_causal_sm_kernel,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    ATT_SM_KEYS * (int)sizeof(float)));
+                cb->att_sm_attr = true;
+            }
+            attn_softmax_causal_sm_kernel<<<n_head * rows, 256, smem, cb->stream>>>(sc, pm, rows,
+                                                                                    nk, p0 + i0);
+        } else {
+            attn_softmax_causal_kernel<<<n_head * rows, 256, 0, cb->stream>>>(sc, pm, rows, nk,
+                                                                              p0 + i0);
+        }
         CUDA_LAUNCHED(cb, "attn_softmax_causal_kernel");
         /* out[r0 + i0 + i][h hd + :] = P_h[i][:] V_g */
         CUBLAS_CHECK(cb, cublasGemmBatchedEx(cb->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)hd, (int)rows,
@@ -457,9 +513,13 @@ void cuda_op_attention(struct kernel_backend *be, const struct kernel_kv *kkv, u
      * the partials must fit the reserved CUDA_ATTN_SPLIT_ROWS (split, token) rows. Only
      * the shape decides (a recorded step replays it for other positions). */
     uint32_t ctas = b->n_tok * d->n_kv_head * a.n_grp;
-    uint32_t want = (uint32_t)(16 * cb->n_sm) / (ctas ? ctas : 1);
+    uint32_t want = (uint32_t)(64 * cb->n_sm) / (ctas ? ctas : 1);
     uint32_t by_room = CUDA_ATTN_SPLIT_ROWS / b->n_tok;
+    /* and no more splits than the table's capacity (a shape) could give work to, nor 64 */
+    uint32_t by_cap = b->max_blocks * d->block_tokens / ATT_MIN_CHUNK;
     uint32_t n_split = want < by_room ? want : by_room;
+    n_split = n_split < by_cap ? n_split : by_cap;
+    n_split = n_split < 64 ? n_split : 64;
     if (n_split < 1)
         n_split = 1;
     a.n_split = n_split;

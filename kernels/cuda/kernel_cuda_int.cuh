@@ -137,6 +137,7 @@ struct cuda_backend {
     /* prefill attention through cuBLAS (kernel_cuda_attention.cu), grown on demand */
     void *att_ws;
     size_t att_ws_bytes;
+    bool att_sm_attr; /* the one-pass softmax may use more than 48 KiB of shared memory */
 
     /* step recording (kernel_cuda_graph.cu) */
     struct cuda_graph graphs[CUDA_GRAPH_MAX];
