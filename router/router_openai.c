@@ -2,10 +2,11 @@
  * router_openai: OpenAI JSON <-> parkway protobuf. See router_openai.h for the API and
  * docs/internals/openai.md for every decision (field table, error wording, dedup).
  *
- * Parsing: a byte pre-scan caps nesting, jansson decodes (duplicate keys and invalid
- * UTF-8 refused), then the body is walked field by field; the first problem found fills
- * the error and stops. Nothing from the body is trusted: every count and length is checked
- * before it is used, and the finished message goes through pw_proto_check_request.
+ * Parsing: router_json decodes the body into a tree in a per-call arena (duplicate keys,
+ * invalid UTF-8 and nesting past ROUTER_OPENAI_JSON_DEPTH_MAX refused, as jansson with
+ * JSON_REJECT_DUPLICATES did), then the body is walked field by field; the first problem
+ * found fills the error and stops. Nothing from the body is trusted: every count and length is
+ * checked before it is used, and the finished message goes through pw_proto_check_request.
  *
  * Responses: the acc (non-streaming) and the stream share one state, struct oai_resp,
  * which tracks per request (part) the current attempt and last seq, and per choice the
@@ -26,12 +27,17 @@
 
 #include <jansson.h>
 
+#include "router_json.h"
+
 /* Logprobs JSON cannot hold -inf; OpenAI reports masked tokens as -9999.0. */
 #define OAI_LOGPROB_FLOOR -9999.0
 /* jansson dump flags: compact, and 8 significant digits so floats print as written. */
 #define OAI_DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(8))
 /* Longest value quoted back in an error message. */
 #define OAI_QUOTE_MAX 64
+/* Stack bytes lent to the request parser's arena: a typical body (a few KiB) parses with
+ * no malloc for its tree; bigger ones add heap blocks. */
+#define OAI_ARENA_STACK 8192
 
 /* ------------------------------------------------------------------------------------ */
 /* Small helpers                                                                        */
@@ -395,37 +401,65 @@ enum pw_err router_openai_error_json(const struct router_openai_error *err, char
 /* ------------------------------------------------------------------------------------ */
 /* Request parsing: typed getters                                                       */
 
-static const char *jtype_desc(const json_t *v)
+static const char *jtype_desc(const struct router_json *v)
 {
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
+    switch (v->type) {
+    case ROUTER_JSON_OBJECT:
         return "an object";
-    case JSON_ARRAY:
+    case ROUTER_JSON_ARRAY:
         return "an array";
-    case JSON_STRING:
+    case ROUTER_JSON_STRING:
         return "a string";
-    case JSON_INTEGER:
+    case ROUTER_JSON_INT:
         return "an integer";
-    case JSON_REAL:
+    case ROUTER_JSON_REAL:
         return "a decimal";
-    case JSON_TRUE:
-    case JSON_FALSE:
+    case ROUTER_JSON_TRUE:
+    case ROUTER_JSON_FALSE:
         return "a boolean";
-    case JSON_NULL:
+    case ROUTER_JSON_NULL:
         break;
     }
     return "null";
 }
 
-/* The member, or NULL when it is absent or null (OpenAI treats null as "not given"). */
-static json_t *opt(const json_t *obj, const char *key)
+/* A string value's bytes (NUL-terminated) and length; NULL and 0 for anything else. */
+static const char *jv_str(const struct router_json *v)
 {
-    json_t *v = json_object_get(obj, key);
-    return json_is_null(v) ? NULL : v;
+    return router_json_is_string(v) ? v->u.s : NULL;
+}
+
+static size_t jv_len(const struct router_json *v)
+{
+    return router_json_is_string(v) ? v->n : 0;
+}
+
+static int64_t jv_int(const struct router_json *v)
+{
+    return router_json_is_int(v) ? v->u.i : 0;
+}
+
+/* Formats a parameter path such as "messages[3].content" into buf (ROUTER_OPENAI_PARAM_MAX
+ * bytes) and returns buf. Called only once an error is certain: the happy path formats
+ * nothing (it was a fifth of the parse time). */
+__attribute__((format(printf, 2, 3))) static const char *pname(char *buf, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, ROUTER_OPENAI_PARAM_MAX, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+/* The member, or NULL when it is absent or null (OpenAI treats null as "not given"). */
+static const struct router_json *opt(const struct router_json *obj, const char *key)
+{
+    const struct router_json *v = router_json_get(obj, key);
+    return router_json_is_null(v) ? NULL : v;
 }
 
 static bool type_error(struct router_openai_error *err, const char *param, const char *expected,
-                       const json_t *got)
+                       const struct router_json *got)
 {
     router_openai_err_param(err, param, "invalid_type",
                             "Invalid type for '%s': expected %s, but got %s instead.", param,
@@ -434,16 +468,16 @@ static bool type_error(struct router_openai_error *err, const char *param, const
 }
 
 /* A number in [lo, hi]; *have false when absent. */
-static bool get_number(struct router_openai_error *err, const json_t *obj, const char *key,
-                       double lo, double hi, bool *have, double *out)
+static bool get_number(struct router_openai_error *err, const struct router_json *obj,
+                       const char *key, double lo, double hi, bool *have, double *out)
 {
-    json_t *v = opt(obj, key);
+    const struct router_json *v = opt(obj, key);
     *have = false;
     if (v == NULL)
         return true;
-    if (!json_is_number(v))
+    if (!router_json_is_number(v))
         return type_error(err, key, "a number", v);
-    double d = json_number_value(v);
+    double d = router_json_number(v);
     if (d < lo) {
         router_openai_err_param(err, key, "decimal_below_min_value",
                                 "Invalid '%s': decimal below minimum value. Expected a value "
@@ -463,38 +497,36 @@ static bool get_number(struct router_openai_error *err, const json_t *obj, const
     return true;
 }
 
-static bool check_int_range(struct router_openai_error *err, const char *param, json_int_t i,
-                            json_int_t lo, json_int_t hi)
+static bool check_int_range(struct router_openai_error *err, const char *param, int64_t i,
+                            int64_t lo, int64_t hi)
 {
     if (i < lo) {
         router_openai_err_param(err, param, "integer_below_min_value",
                                 "Invalid '%s': integer below minimum value. Expected a value "
-                                ">= %" JSON_INTEGER_FORMAT ", but got %" JSON_INTEGER_FORMAT
-                                " instead.",
+                                ">= %" PRId64 ", but got %" PRId64 " instead.",
                                 param, lo, i);
         return false;
     }
     if (i > hi) {
         router_openai_err_param(err, param, "integer_above_max_value",
                                 "Invalid '%s': integer above maximum value. Expected a value "
-                                "<= %" JSON_INTEGER_FORMAT ", but got %" JSON_INTEGER_FORMAT
-                                " instead.",
+                                "<= %" PRId64 ", but got %" PRId64 " instead.",
                                 param, hi, i);
         return false;
     }
     return true;
 }
 
-static bool get_int(struct router_openai_error *err, const json_t *obj, const char *key,
-                    json_int_t lo, json_int_t hi, bool *have, json_int_t *out)
+static bool get_int(struct router_openai_error *err, const struct router_json *obj, const char *key,
+                    int64_t lo, int64_t hi, bool *have, int64_t *out)
 {
-    json_t *v = opt(obj, key);
+    const struct router_json *v = opt(obj, key);
     *have = false;
     if (v == NULL)
         return true;
-    if (!json_is_integer(v))
+    if (!router_json_is_int(v))
         return type_error(err, key, "an integer", v);
-    json_int_t i = json_integer_value(v);
+    int64_t i = jv_int(v);
     if (!check_int_range(err, key, i, lo, hi))
         return false;
     *have = true;
@@ -502,28 +534,29 @@ static bool get_int(struct router_openai_error *err, const json_t *obj, const ch
     return true;
 }
 
-static bool get_bool(struct router_openai_error *err, const json_t *obj, const char *key, bool *out)
+static bool get_bool(struct router_openai_error *err, const struct router_json *obj,
+                     const char *key, bool *out)
 {
-    json_t *v = opt(obj, key);
+    const struct router_json *v = opt(obj, key);
     if (v == NULL)
         return true;
-    if (!json_is_boolean(v))
+    if (!router_json_is_bool(v))
         return type_error(err, key, "a boolean", v);
-    *out = json_is_true(v);
+    *out = router_json_is_true(v);
     return true;
 }
 
 /* A string member; *out NULL when absent. */
-static bool get_string(struct router_openai_error *err, const json_t *obj, const char *key,
-                       const char **out)
+static bool get_string(struct router_openai_error *err, const struct router_json *obj,
+                       const char *key, const char **out)
 {
-    json_t *v = opt(obj, key);
+    const struct router_json *v = opt(obj, key);
     *out = NULL;
     if (v == NULL)
         return true;
-    if (!json_is_string(v))
+    if (!router_json_is_string(v))
         return type_error(err, key, "a string", v);
-    *out = json_string_value(v);
+    *out = jv_str(v);
     return true;
 }
 
@@ -571,7 +604,7 @@ static bool unsupported(struct router_openai_error *err, const char *param)
 }
 
 /* Fields refused whenever they are present and not null. */
-static bool reject_present(struct router_openai_error *err, const json_t *obj,
+static bool reject_present(struct router_openai_error *err, const struct router_json *obj,
                            const char *const *keys)
 {
     for (size_t i = 0; keys[i] != NULL; i++) {
@@ -608,80 +641,96 @@ static bool depth_ok(const char *p, size_t len, int max)
     return true;
 }
 
-static json_t *load_body(const char *body, size_t len, struct router_openai_error *err)
+/*
+ * Parses the body into a tree in arena a (the caller's, deinit'd by the caller). NULL with
+ * *err and *rc set when it is not a JSON object: PW_ERR_PARSE (400) or PW_ERR_NOMEM (500).
+ */
+static const struct router_json *load_body(const char *body, size_t len,
+                                           struct router_json_arena *a,
+                                           struct router_openai_error *err, enum pw_err *rc)
 {
+    *rc = PW_ERR_PARSE;
     if (body == NULL || len == 0) {
         router_openai_err_invalid_json(err, "the body is empty");
         return NULL;
     }
-    if (!depth_ok(body, len, ROUTER_OPENAI_JSON_DEPTH_MAX)) {
-        char detail[96];
-        snprintf(detail, sizeof(detail), "nesting deeper than %d levels",
-                 ROUTER_OPENAI_JSON_DEPTH_MAX);
-        router_openai_err_invalid_json(err, detail);
+    const struct router_json *root = NULL;
+    struct router_json_error je;
+    enum pw_err e = router_json_parse(body, len, ROUTER_OPENAI_JSON_DEPTH_MAX, a, &root, &je);
+    if (e != PW_OK) {
+        /* Nesting wins over any other fault, wherever in the body it is: a syntax error
+         * before the deep part must not change the answer (the nesting check used to be
+         * a pre-scan of the whole body, and a valid prefix nests the same either way). */
+        if (je.too_deep || !depth_ok(body, len, ROUTER_OPENAI_JSON_DEPTH_MAX)) {
+            char detail[96];
+            snprintf(detail, sizeof(detail), "nesting deeper than %d levels",
+                     ROUTER_OPENAI_JSON_DEPTH_MAX);
+            router_openai_err_invalid_json(err, detail);
+        } else if (e == PW_ERR_NOMEM) {
+            *rc = PW_ERR_NOMEM;
+            router_openai_err_internal(err);
+        } else {
+            char detail[160];
+            snprintf(detail, sizeof(detail), "%s at line %d column %d", je.text, je.line,
+                     je.column);
+            router_openai_err_invalid_json(err, detail);
+        }
         return NULL;
     }
-    json_error_t je;
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &je);
-    if (root == NULL) {
-        char detail[JSON_ERROR_TEXT_LENGTH + 64];
-        snprintf(detail, sizeof(detail), "%s at line %d column %d", je.text, je.line, je.column);
-        router_openai_err_invalid_json(err, detail);
-        return NULL;
-    }
-    if (!json_is_object(root)) {
+    if (!router_json_is_object(root)) {
         router_openai_err_param(err, NULL, "invalid_type",
                                 "Invalid type for the request body: expected an object, but "
                                 "got %s instead.",
                                 jtype_desc(root));
-        json_decref(root);
         return NULL;
     }
     return root;
 }
 
-/* Everything parsed from a body, borrowed from the jansson tree, before protobufs exist. */
+/* Everything parsed from a body, borrowed from the body's router_json tree (its arena lives
+ * for the parse call), before protobufs exist. Protobuf strings are malloc'd copies. */
 struct parsed {
     enum router_openai_kind kind;
     const char *model;
     Parkway__SamplingParams sp; /* stop points into stops[] */
     char *stops[PW_PROTO_STOP_MAX];
     bool stream, include_usage, echo;
-    json_t *messages; /* CHAT: validated array */
-    json_t *prompts;  /* COMPLETION: array of prompts (string or int array), or NULL */
-    json_t *prompt1;  /* COMPLETION: the single prompt when not a list */
+    const struct router_json *messages; /* CHAT: validated array */
+    const struct router_json
+        *prompts; /* COMPLETION: array of prompts (string or int array), or NULL */
+    const struct router_json *prompt1; /* COMPLETION: the single prompt when not a list */
 };
 
-static bool parse_stop(struct router_openai_error *err, const json_t *root, struct parsed *p)
+static bool parse_stop(struct router_openai_error *err, const struct router_json *root,
+                       struct parsed *p)
 {
-    json_t *v = opt(root, "stop");
+    const struct router_json *v = opt(root, "stop");
     p->sp.stop = p->stops;
     p->sp.n_stop = 0;
     if (v == NULL)
         return true;
-    if (json_is_string(v)) {
-        size_t n = json_string_length(v);
+    if (router_json_is_string(v)) {
+        size_t n = jv_len(v);
         if (n > PW_PROTO_STOP_LEN_MAX)
             return string_too_long(err, "stop", PW_PROTO_STOP_LEN_MAX, n);
         if (n > 0)
-            p->stops[p->sp.n_stop++] = (char *)json_string_value(v);
+            p->stops[p->sp.n_stop++] = (char *)jv_str(v);
         return true;
     }
-    if (!json_is_array(v))
+    if (!router_json_is_array(v))
         return type_error(err, "stop", "a string or an array of strings", v);
-    if (json_array_size(v) > PW_PROTO_STOP_MAX)
-        return array_too_long(err, "stop", PW_PROTO_STOP_MAX, json_array_size(v));
-    for (size_t i = 0; i < json_array_size(v); i++) {
-        json_t *s = json_array_get(v, i);
+    if (router_json_size(v) > PW_PROTO_STOP_MAX)
+        return array_too_long(err, "stop", PW_PROTO_STOP_MAX, router_json_size(v));
+    for (size_t i = 0; i < router_json_size(v); i++) {
+        const struct router_json *s = router_json_at(v, i);
         char param[ROUTER_OPENAI_PARAM_MAX];
-        snprintf(param, sizeof(param), "stop[%zu]", i);
-        if (!json_is_string(s))
-            return type_error(err, param, "a string", s);
-        size_t n = json_string_length(s);
+        if (!router_json_is_string(s))
+            return type_error(err, pname(param, "stop[%zu]", i), "a string", s);
+        size_t n = jv_len(s);
         if (n > PW_PROTO_STOP_LEN_MAX)
-            return string_too_long(err, param, PW_PROTO_STOP_LEN_MAX, n);
+            return string_too_long(err, pname(param, "stop[%zu]", i), PW_PROTO_STOP_LEN_MAX, n);
         if (n > 0) /* an empty stop string could never end anything: dropped */
-            p->stops[p->sp.n_stop++] = (char *)json_string_value(s);
+            p->stops[p->sp.n_stop++] = (char *)jv_str(s);
     }
     return true;
 }
@@ -689,19 +738,19 @@ static bool parse_stop(struct router_openai_error *err, const json_t *root, stru
 #define MARK(p, f) pw_proto_sampling_mark(&(p)->sp, PARKWAY__SAMPLING_FIELD__SAMPLING_FIELD_##f)
 
 /* Fields shared by both endpoints. */
-static bool parse_common(struct router_openai_error *err, const json_t *root,
+static bool parse_common(struct router_openai_error *err, const struct router_json *root,
                          const struct router_openai_ctx *ctx, struct parsed *p)
 {
     bool have;
     double d;
-    json_int_t i;
+    int64_t i;
 
-    json_t *model = json_object_get(root, "model");
-    if (model == NULL || json_is_null(model))
+    const struct router_json *model = router_json_get(root, "model");
+    if (model == NULL || router_json_is_null(model))
         return missing(err, "model");
-    if (!json_is_string(model))
+    if (!router_json_is_string(model))
         return type_error(err, "model", "a string", model);
-    size_t mlen = json_string_length(model);
+    size_t mlen = jv_len(model);
     if (mlen == 0) {
         router_openai_err_param(err, "model", "invalid_value",
                                 "Invalid 'model': empty string. Expected a model name.");
@@ -709,12 +758,12 @@ static bool parse_common(struct router_openai_error *err, const json_t *root,
     }
     if (mlen > ROUTER_OPENAI_MODEL_MAX)
         return string_too_long(err, "model", ROUTER_OPENAI_MODEL_MAX, mlen);
-    if (strlen(json_string_value(model)) != mlen) { /* jansson refuses \u0000 already */
+    if (strlen(jv_str(model)) != mlen) { /* router_json refuses \u0000 already */
         router_openai_err_param(err, "model", "invalid_value",
                                 "Invalid 'model': contains a NUL character.");
         return false;
     }
-    p->model = json_string_value(model);
+    p->model = jv_str(model);
 
     if (!get_number(err, root, "temperature", 0, 2, &have, &d))
         return false;
@@ -791,9 +840,9 @@ static bool parse_common(struct router_openai_error *err, const json_t *root,
 
     if (!get_bool(err, root, "stream", &p->stream))
         return false;
-    json_t *so = opt(root, "stream_options");
+    const struct router_json *so = opt(root, "stream_options");
     if (so != NULL) {
-        if (!json_is_object(so))
+        if (!router_json_is_object(so))
             return type_error(err, "stream_options", "an object", so);
         if (!p->stream) {
             router_openai_err_param(err, "stream_options", "invalid_value",
@@ -801,94 +850,96 @@ static bool parse_common(struct router_openai_error *err, const json_t *root,
                                     "'stream' is enabled.");
             return false;
         }
-        json_t *iu = opt(so, "include_usage");
-        if (iu != NULL && !json_is_boolean(iu))
+        const struct router_json *iu = opt(so, "include_usage");
+        if (iu != NULL && !router_json_is_bool(iu))
             return type_error(err, "stream_options.include_usage", "a boolean", iu);
-        p->include_usage = json_is_true(iu);
+        p->include_usage = router_json_is_true(iu);
     }
 
     /* accepted and ignored, but typed like OpenAI types them */
     const char *user;
     if (!get_string(err, root, "user", &user))
         return false;
-    json_t *lb = opt(root, "logit_bias");
+    const struct router_json *lb = opt(root, "logit_bias");
     if (lb != NULL) {
-        if (!json_is_object(lb))
+        if (!router_json_is_object(lb))
             return type_error(err, "logit_bias", "an object", lb);
-        if (json_object_size(lb) > 0)
+        if (router_json_size(lb) > 0)
             return unsupported(err, "logit_bias");
     }
     return true;
 }
 
 /* One chat message's content: a string, or an array of text parts joined by "\n". */
-static bool parse_content(struct router_openai_error *err, const json_t *msg, size_t mi,
+static bool parse_content(struct router_openai_error *err, const struct router_json *msg, size_t mi,
                           bool assistant)
 {
     char param[ROUTER_OPENAI_PARAM_MAX];
-    json_t *c = json_object_get(msg, "content");
-    snprintf(param, sizeof(param), "messages[%zu].content", mi);
-    if (c == NULL || json_is_null(c)) {
+    const struct router_json *c = router_json_get(msg, "content");
+    if (c == NULL || router_json_is_null(c)) {
         if (assistant) /* an assistant turn may carry no text */
             return true;
-        return missing(err, param);
+        return missing(err, pname(param, "messages[%zu].content", mi));
     }
-    if (json_is_string(c))
+    if (router_json_is_string(c))
         return true;
-    if (!json_is_array(c))
-        return type_error(err, param, "a string or an array of content parts", c);
-    if (json_array_size(c) == 0)
-        return empty_array(err, param);
-    for (size_t j = 0; j < json_array_size(c); j++) {
-        json_t *part = json_array_get(c, j);
-        snprintf(param, sizeof(param), "messages[%zu].content[%zu]", mi, j);
-        if (!json_is_object(part))
-            return type_error(err, param, "an object", part);
-        json_t *type = json_object_get(part, "type");
-        snprintf(param, sizeof(param), "messages[%zu].content[%zu].type", mi, j);
-        if (type == NULL || json_is_null(type))
-            return missing(err, param);
-        if (!json_is_string(type))
-            return type_error(err, param, "a string", type);
-        if (strcmp(json_string_value(type), "text") != 0) {
+    if (!router_json_is_array(c))
+        return type_error(err, pname(param, "messages[%zu].content", mi),
+                          "a string or an array of content parts", c);
+    if (router_json_size(c) == 0)
+        return empty_array(err, pname(param, "messages[%zu].content", mi));
+    for (size_t j = 0; j < router_json_size(c); j++) {
+        const struct router_json *part = router_json_at(c, j);
+        if (!router_json_is_object(part))
+            return type_error(err, pname(param, "messages[%zu].content[%zu]", mi, j), "an object",
+                              part);
+        const struct router_json *type = router_json_get(part, "type");
+        if (type == NULL || router_json_is_null(type))
+            return missing(err, pname(param, "messages[%zu].content[%zu].type", mi, j));
+        if (!router_json_is_string(type))
+            return type_error(err, pname(param, "messages[%zu].content[%zu].type", mi, j),
+                              "a string", type);
+        if (strcmp(jv_str(type), "text") != 0) {
             char q[OAI_QUOTE_MAX + 1];
-            copy_cut(q, sizeof(q), json_string_value(type));
-            router_openai_err_param(err, param, "unsupported_value",
+            copy_cut(q, sizeof(q), jv_str(type));
+            router_openai_err_param(err, pname(param, "messages[%zu].content[%zu].type", mi, j),
+                                    "unsupported_value",
                                     "Unsupported content part type: '%s'. Only 'text' parts "
                                     "are supported; this server does not take images, audio "
                                     "or files.",
                                     q);
             return false;
         }
-        json_t *text = json_object_get(part, "text");
-        snprintf(param, sizeof(param), "messages[%zu].content[%zu].text", mi, j);
-        if (text == NULL || json_is_null(text))
-            return missing(err, param);
-        if (!json_is_string(text))
-            return type_error(err, param, "a string", text);
+        const struct router_json *text = router_json_get(part, "text");
+        if (text == NULL || router_json_is_null(text))
+            return missing(err, pname(param, "messages[%zu].content[%zu].text", mi, j));
+        if (!router_json_is_string(text))
+            return type_error(err, pname(param, "messages[%zu].content[%zu].text", mi, j),
+                              "a string", text);
     }
     return true;
 }
 
 /* Maps the role to what the engine gets; NULL with *err set if refused. */
-static const char *parse_role(struct router_openai_error *err, const json_t *msg, size_t mi)
+static const char *parse_role(struct router_openai_error *err, const struct router_json *msg,
+                              size_t mi)
 {
     char param[ROUTER_OPENAI_PARAM_MAX];
-    snprintf(param, sizeof(param), "messages[%zu].role", mi);
-    json_t *r = json_object_get(msg, "role");
-    if (r == NULL || json_is_null(r)) {
-        missing(err, param);
+    const struct router_json *r = router_json_get(msg, "role");
+    if (r == NULL || router_json_is_null(r)) {
+        missing(err, pname(param, "messages[%zu].role", mi));
         return NULL;
     }
-    if (!json_is_string(r)) {
-        type_error(err, param, "a string", r);
+    if (!router_json_is_string(r)) {
+        type_error(err, pname(param, "messages[%zu].role", mi), "a string", r);
         return NULL;
     }
-    const char *role = json_string_value(r);
+    const char *role = jv_str(r);
     if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0)
         return "system"; /* developer is the newer name of system; templates know system */
     if (strcmp(role, "user") == 0 || strcmp(role, "assistant") == 0)
         return role;
+    pname(param, "messages[%zu].role", mi);
     char q[OAI_QUOTE_MAX + 1];
     copy_cut(q, sizeof(q), role);
     if (strcmp(role, "tool") == 0 || strcmp(role, "function") == 0) {
@@ -905,40 +956,39 @@ static const char *parse_role(struct router_openai_error *err, const json_t *msg
     return NULL;
 }
 
-static bool parse_messages(struct router_openai_error *err, const json_t *root, struct parsed *p)
+static bool parse_messages(struct router_openai_error *err, const struct router_json *root,
+                           struct parsed *p)
 {
-    json_t *msgs = json_object_get(root, "messages");
-    if (msgs == NULL || json_is_null(msgs))
+    const struct router_json *msgs = router_json_get(root, "messages");
+    if (msgs == NULL || router_json_is_null(msgs))
         return missing(err, "messages");
-    if (!json_is_array(msgs))
+    if (!router_json_is_array(msgs))
         return type_error(err, "messages", "an array", msgs);
-    size_t n = json_array_size(msgs);
+    size_t n = router_json_size(msgs);
     if (n == 0)
         return empty_array(err, "messages");
     if (n > PW_PROTO_MESSAGES_MAX)
         return array_too_long(err, "messages", PW_PROTO_MESSAGES_MAX, n);
     for (size_t i = 0; i < n; i++) {
-        json_t *m = json_array_get(msgs, i);
+        const struct router_json *m = router_json_at(msgs, i);
         char param[ROUTER_OPENAI_PARAM_MAX];
-        snprintf(param, sizeof(param), "messages[%zu]", i);
-        if (!json_is_object(m))
-            return type_error(err, param, "an object", m);
+        if (!router_json_is_object(m))
+            return type_error(err, pname(param, "messages[%zu]", i), "an object", m);
         const char *role = parse_role(err, m, i);
         if (role == NULL)
             return false;
         if (!parse_content(err, m, i, strcmp(role, "assistant") == 0))
             return false;
-        json_t *name = opt(m, "name");
-        snprintf(param, sizeof(param), "messages[%zu].name", i);
-        if (name != NULL && !json_is_string(name))
-            return type_error(err, param, "a string", name);
-        if (name != NULL && json_string_length(name) > PW_PROTO_ID_MAX)
-            return string_too_long(err, param, PW_PROTO_ID_MAX, json_string_length(name));
+        const struct router_json *name = opt(m, "name");
+        if (name != NULL && !router_json_is_string(name))
+            return type_error(err, pname(param, "messages[%zu].name", i), "a string", name);
+        if (name != NULL && jv_len(name) > PW_PROTO_ID_MAX)
+            return string_too_long(err, pname(param, "messages[%zu].name", i), PW_PROTO_ID_MAX,
+                                   jv_len(name));
         static const char *const refused[] = {"tool_calls", "function_call", "audio", NULL};
         for (size_t k = 0; refused[k] != NULL; k++) {
             if (opt(m, refused[k]) != NULL) {
-                snprintf(param, sizeof(param), "messages[%zu].%s", i, refused[k]);
-                return unsupported(err, param);
+                return unsupported(err, pname(param, "messages[%zu].%s", i, refused[k]));
             }
         }
     }
@@ -946,7 +996,8 @@ static bool parse_messages(struct router_openai_error *err, const json_t *root, 
     return true;
 }
 
-static bool parse_chat_fields(struct router_openai_error *err, const json_t *root, struct parsed *p)
+static bool parse_chat_fields(struct router_openai_error *err, const struct router_json *root,
+                              struct parsed *p)
 {
     static const char *const refused[] = {"tools",
                                           "tool_choice",
@@ -961,18 +1012,18 @@ static bool parse_chat_fields(struct router_openai_error *err, const json_t *roo
                                           NULL};
     if (!reject_present(err, root, refused))
         return false;
-    json_t *rf = opt(root, "response_format");
+    const struct router_json *rf = opt(root, "response_format");
     if (rf != NULL) {
-        if (!json_is_object(rf))
+        if (!router_json_is_object(rf))
             return type_error(err, "response_format", "an object", rf);
-        json_t *t = json_object_get(rf, "type");
-        if (t == NULL || json_is_null(t))
+        const struct router_json *t = router_json_get(rf, "type");
+        if (t == NULL || router_json_is_null(t))
             return missing(err, "response_format.type");
-        if (!json_is_string(t))
+        if (!router_json_is_string(t))
             return type_error(err, "response_format.type", "a string", t);
-        if (strcmp(json_string_value(t), "text") != 0) {
+        if (strcmp(jv_str(t), "text") != 0) {
             char q[OAI_QUOTE_MAX + 1];
-            copy_cut(q, sizeof(q), json_string_value(t));
+            copy_cut(q, sizeof(q), jv_str(t));
             router_openai_err_param(err, "response_format.type", "unsupported_value",
                                     "Unsupported value: 'response_format.type' does not "
                                     "support '%s' on this server. Supported values are: "
@@ -981,18 +1032,18 @@ static bool parse_chat_fields(struct router_openai_error *err, const json_t *roo
             return false;
         }
     }
-    json_t *mod = opt(root, "modalities");
+    const struct router_json *mod = opt(root, "modalities");
     if (mod != NULL) {
-        if (!json_is_array(mod))
+        if (!router_json_is_array(mod))
             return type_error(err, "modalities", "an array", mod);
-        for (size_t i = 0; i < json_array_size(mod); i++) {
-            json_t *m = json_array_get(mod, i);
+        for (size_t i = 0; i < router_json_size(mod); i++) {
+            const struct router_json *m = router_json_at(mod, i);
             char param[ROUTER_OPENAI_PARAM_MAX];
-            snprintf(param, sizeof(param), "modalities[%zu]", i);
-            if (!json_is_string(m))
-                return type_error(err, param, "a string", m);
-            if (strcmp(json_string_value(m), "text") != 0) {
-                router_openai_err_param(err, param, "unsupported_value",
+            if (!router_json_is_string(m))
+                return type_error(err, pname(param, "modalities[%zu]", i), "a string", m);
+            if (strcmp(jv_str(m), "text") != 0) {
+                router_openai_err_param(err, pname(param, "modalities[%zu]", i),
+                                        "unsupported_value",
                                         "Unsupported value: only the 'text' modality is "
                                         "supported by this server.");
                 return false;
@@ -1002,12 +1053,12 @@ static bool parse_chat_fields(struct router_openai_error *err, const json_t *roo
     bool store = false;
     if (!get_bool(err, root, "store", &store))
         return false;
-    json_t *meta = opt(root, "metadata");
-    if (meta != NULL && !json_is_object(meta))
+    const struct router_json *meta = opt(root, "metadata");
+    if (meta != NULL && !router_json_is_object(meta))
         return type_error(err, "metadata", "an object", meta);
 
     bool have_mt, have_mct;
-    json_int_t mt = 0, mct = 0;
+    int64_t mt = 0, mct = 0;
     if (!get_int(err, root, "max_tokens", 1, PW_PROTO_MAX_TOKENS_MAX, &have_mt, &mt))
         return false;
     if (!get_int(err, root, "max_completion_tokens", 1, PW_PROTO_MAX_TOKENS_MAX, &have_mct, &mct))
@@ -1029,7 +1080,7 @@ static bool parse_chat_fields(struct router_openai_error *err, const json_t *roo
         return false;
     p->sp.logprobs = logprobs;
     bool have;
-    json_int_t tl;
+    int64_t tl;
     if (!get_int(err, root, "top_logprobs", 0, PW_PROTO_TOP_LOGPROBS_MAX, &have, &tl))
         return false;
     if (have) {
@@ -1046,31 +1097,33 @@ static bool parse_chat_fields(struct router_openai_error *err, const json_t *roo
 }
 
 /* One prompt of /v1/completions: a string or a non-empty array of token ids. */
-static bool check_prompt(struct router_openai_error *err, const json_t *v, const char *param,
-                         bool allow_string)
+static bool check_prompt(struct router_openai_error *err, const struct router_json *v,
+                         const char *param, bool allow_string)
 {
-    if (json_is_string(v) && allow_string)
+    if (router_json_is_string(v) && allow_string)
         return true;
-    if (!json_is_array(v))
+    if (!router_json_is_array(v))
         return type_error(err, param, allow_string ? "a string or an array" : "an array", v);
-    size_t n = json_array_size(v);
+    size_t n = router_json_size(v);
     if (n == 0)
         return empty_array(err, param);
     if (n > PW_PROTO_PROMPT_TOKENS_MAX)
         return array_too_long(err, param, PW_PROTO_PROMPT_TOKENS_MAX, n);
     for (size_t i = 0; i < n; i++) {
-        json_t *t = json_array_get(v, i);
+        const struct router_json *t = router_json_at(v, i);
+        if (router_json_is_int(t) && t->u.i >= 0 && t->u.i <= INT32_MAX)
+            continue; /* the common case: no parameter name to format */
         char p2[ROUTER_OPENAI_PARAM_MAX + 24];
         snprintf(p2, sizeof(p2), "%s[%zu]", param, i);
-        if (!json_is_integer(t))
+        if (!router_json_is_int(t))
             return type_error(err, p2, "an integer", t);
-        if (!check_int_range(err, p2, json_integer_value(t), 0, INT32_MAX))
+        if (!check_int_range(err, p2, jv_int(t), 0, INT32_MAX))
             return false;
     }
     return true;
 }
 
-static bool parse_completion_fields(struct router_openai_error *err, const json_t *root,
+static bool parse_completion_fields(struct router_openai_error *err, const struct router_json *root,
                                     struct parsed *p)
 {
     const char *suffix;
@@ -1080,7 +1133,7 @@ static bool parse_completion_fields(struct router_openai_error *err, const json_
         return unsupported(err, "suffix");
 
     bool have;
-    json_int_t i;
+    int64_t i;
     if (!get_int(err, root, "max_tokens", 1, PW_PROTO_MAX_TOKENS_MAX, &have, &i))
         return false;
     p->sp.max_tokens = have ? (uint32_t)i : ROUTER_OPENAI_COMPLETION_DEFAULT_MAX_TOKENS;
@@ -1107,20 +1160,20 @@ static bool parse_completion_fields(struct router_openai_error *err, const json_
         MARK(p, TOP_LOGPROBS);
     }
 
-    json_t *pr = json_object_get(root, "prompt");
-    if (pr == NULL || json_is_null(pr))
+    const struct router_json *pr = router_json_get(root, "prompt");
+    if (pr == NULL || router_json_is_null(pr))
         return missing(err, "prompt");
-    if (json_is_string(pr)) {
+    if (router_json_is_string(pr)) {
         p->prompt1 = pr;
         return true;
     }
-    if (!json_is_array(pr))
+    if (!router_json_is_array(pr))
         return type_error(err, "prompt", "a string or an array", pr);
-    size_t np = json_array_size(pr);
+    size_t np = router_json_size(pr);
     if (np == 0)
         return empty_array(err, "prompt");
-    json_t *first = json_array_get(pr, 0);
-    if (json_is_integer(first)) { /* one prompt of token ids */
+    const struct router_json *first = router_json_at(pr, 0);
+    if (router_json_is_int(first)) { /* one prompt of token ids */
         if (!check_prompt(err, pr, "prompt", false))
             return false;
         p->prompt1 = pr;
@@ -1128,14 +1181,13 @@ static bool parse_completion_fields(struct router_openai_error *err, const json_
     }
     if (np > ROUTER_OPENAI_PROMPTS_MAX)
         return array_too_long(err, "prompt", ROUTER_OPENAI_PROMPTS_MAX, np);
-    bool strings = json_is_string(first);
+    bool strings = router_json_is_string(first);
     for (size_t k = 0; k < np; k++) {
-        json_t *e = json_array_get(pr, k);
+        const struct router_json *e = router_json_at(pr, k);
         char param[ROUTER_OPENAI_PARAM_MAX];
-        snprintf(param, sizeof(param), "prompt[%zu]", k);
-        if (strings && !json_is_string(e))
-            return type_error(err, param, "a string", e);
-        if (!strings && !check_prompt(err, e, param, false))
+        if (strings && !router_json_is_string(e))
+            return type_error(err, pname(param, "prompt[%zu]", k), "a string", e);
+        if (!strings && !check_prompt(err, e, pname(param, "prompt[%zu]", k), false))
             return false;
     }
     p->prompts = pr;
@@ -1220,62 +1272,62 @@ fail:
 }
 
 /* Flattens a validated content value into a new string ("" for null). */
-static char *content_text(const json_t *c)
+static char *content_text(const struct router_json *c)
 {
-    if (c == NULL || json_is_null(c))
+    if (c == NULL || router_json_is_null(c))
         return sdup("");
-    if (json_is_string(c)) {
-        size_t n = json_string_length(c);
+    if (router_json_is_string(c)) {
+        size_t n = jv_len(c);
         char *s = malloc(n + 1);
         if (s != NULL)
-            memcpy(s, json_string_value(c), n + 1);
+            memcpy(s, jv_str(c), n + 1);
         return s;
     }
     size_t total = 0;
-    for (size_t j = 0; j < json_array_size(c); j++)
-        total += json_string_length(json_object_get(json_array_get(c, j), "text")) + 1;
+    for (size_t j = 0; j < router_json_size(c); j++)
+        total += jv_len(router_json_get(router_json_at(c, j), "text")) + 1;
     char *s = malloc(total + 1);
     if (s == NULL)
         return NULL;
     size_t o = 0;
-    for (size_t j = 0; j < json_array_size(c); j++) {
-        json_t *t = json_object_get(json_array_get(c, j), "text");
+    for (size_t j = 0; j < router_json_size(c); j++) {
+        const struct router_json *t = router_json_get(router_json_at(c, j), "text");
         if (j > 0)
             s[o++] = '\n';
-        memcpy(s + o, json_string_value(t), json_string_length(t));
-        o += json_string_length(t);
+        memcpy(s + o, jv_str(t), jv_len(t));
+        o += jv_len(t);
     }
     s[o] = '\0';
     return s;
 }
 
-static bool add_messages(Parkway__InferenceRequest *r, const json_t *msgs)
+static bool add_messages(Parkway__InferenceRequest *r, const struct router_json *msgs)
 {
-    size_t n = json_array_size(msgs);
+    size_t n = router_json_size(msgs);
     r->messages = calloc(n, sizeof(*r->messages));
     if (r->messages == NULL)
         return false;
     for (size_t i = 0; i < n; i++) {
-        json_t *m = json_array_get(msgs, i);
+        const struct router_json *m = router_json_at(msgs, i);
         Parkway__ChatMessage *cm = malloc(sizeof(*cm));
         if (cm == NULL)
             return false;
         parkway__chat_message__init(cm);
         r->messages[i] = cm;
         r->n_messages = i + 1;
-        const char *role = json_string_value(json_object_get(m, "role"));
+        const char *role = jv_str(router_json_get(m, "role"));
         if (strcmp(role, "developer") == 0)
             role = "system";
         char *s;
         if ((s = sdup(role)) == NULL)
             return false;
         cm->role = s;
-        if ((s = content_text(json_object_get(m, "content"))) == NULL)
+        if ((s = content_text(router_json_get(m, "content"))) == NULL)
             return false;
         cm->content = s;
-        json_t *name = opt(m, "name");
+        const struct router_json *name = opt(m, "name");
         if (name != NULL) {
-            if ((s = sdup(json_string_value(name))) == NULL)
+            if ((s = sdup(jv_str(name))) == NULL)
                 return false;
             cm->name = s;
         }
@@ -1283,23 +1335,23 @@ static bool add_messages(Parkway__InferenceRequest *r, const json_t *msgs)
     return true;
 }
 
-static bool set_prompt(Parkway__InferenceRequest *r, const json_t *pr)
+static bool set_prompt(Parkway__InferenceRequest *r, const struct router_json *pr)
 {
-    if (json_is_string(pr)) {
-        size_t n = json_string_length(pr);
+    if (router_json_is_string(pr)) {
+        size_t n = jv_len(pr);
         char *s = malloc(n + 1);
         if (s == NULL)
             return false;
-        memcpy(s, json_string_value(pr), n + 1);
+        memcpy(s, jv_str(pr), n + 1);
         r->prompt = s;
         return true;
     }
-    size_t n = json_array_size(pr);
+    size_t n = router_json_size(pr);
     r->prompt_token_ids = malloc(n * sizeof(uint32_t));
     if (r->prompt_token_ids == NULL)
         return false;
     for (size_t i = 0; i < n; i++)
-        r->prompt_token_ids[i] = (uint32_t)json_integer_value(json_array_get(pr, i));
+        r->prompt_token_ids[i] = (uint32_t)jv_int(router_json_at(pr, i));
     r->n_prompt_token_ids = n;
     return true;
 }
@@ -1356,7 +1408,10 @@ enum pw_err router_openai_parse_chat(const char *body, size_t len,
     Parkway__InferenceRequest *r = NULL;
     struct parsed p;
     parsed_init(&p, ROUTER_OPENAI_CHAT);
-    json_t *root = load_body(body, len, err);
+    char abuf[OAI_ARENA_STACK];
+    struct router_json_arena arena;
+    router_json_arena_init(&arena, abuf, sizeof(abuf));
+    const struct router_json *root = load_body(body, len, &arena, err, &rc);
     if (root == NULL)
         goto out;
     if (!parse_common(err, root, ctx, &p) || !parse_chat_fields(err, root, &p))
@@ -1374,7 +1429,7 @@ enum pw_err router_openai_parse_chat(const char *body, size_t len,
     rc = PW_OK;
 out:
     pw_proto_free_request(r);
-    json_decref(root);
+    router_json_arena_deinit(&arena);
     return rc;
 }
 
@@ -1405,12 +1460,15 @@ enum pw_err router_openai_parse_completion(const char *body, size_t len,
     size_t n = 0;
     struct parsed p;
     parsed_init(&p, ROUTER_OPENAI_COMPLETION);
-    json_t *root = load_body(body, len, err);
+    char abuf[OAI_ARENA_STACK];
+    struct router_json_arena arena;
+    router_json_arena_init(&arena, abuf, sizeof(abuf));
+    const struct router_json *root = load_body(body, len, &arena, err, &rc);
     if (root == NULL)
         goto out;
     if (!parse_common(err, root, ctx, &p) || !parse_completion_fields(err, root, &p))
         goto out;
-    size_t np = p.prompts != NULL ? json_array_size(p.prompts) : 1;
+    size_t np = p.prompts != NULL ? router_json_size(p.prompts) : 1;
     reqs = calloc(np, sizeof(*reqs));
     if (reqs == NULL)
         goto nomem;
@@ -1424,7 +1482,7 @@ enum pw_err router_openai_parse_completion(const char *body, size_t len,
         if (reqs[k] == NULL)
             goto nomem;
         n = k + 1;
-        if (!set_prompt(reqs[k], p.prompts != NULL ? json_array_get(p.prompts, k) : p.prompt1))
+        if (!set_prompt(reqs[k], p.prompts != NULL ? router_json_at(p.prompts, k) : p.prompt1))
             goto nomem;
     }
     if (!final_checks(ctx, &p, reqs, n, err))
@@ -1439,7 +1497,7 @@ nomem:
     router_openai_err_internal(err);
 out:
     router_openai_requests_free(reqs, n);
-    json_decref(root);
+    router_json_arena_deinit(&arena);
     return rc;
 }
 

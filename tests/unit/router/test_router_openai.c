@@ -686,6 +686,132 @@ static void test_mutated_bodies(void **state)
     }
 }
 
+/* The invalid-JSON message still says what and where (router_json's wording). */
+static void test_invalid_json_detail(void **state)
+{
+    (void)state;
+    struct router_openai_ctx ctx = mkctx();
+    struct router_openai_error err;
+    Parkway__InferenceRequest *r = (Parkway__InferenceRequest *)1;
+    const char *body = "{\"model\":\"smol\",\n \"messages\":tru}";
+    assert_int_equal(router_openai_parse_chat(body, strlen(body), &ctx, &r, &err), PW_ERR_PARSE);
+    assert_null(r);
+    assert_int_equal(err.status, 400);
+    assert_string_equal(err.param, "");
+    assert_non_null(strstr(err.message, "not valid JSON: invalid token at line 2 column 13."));
+    body = "{\"model\":\"smol\",\"model\":\"x\"}";
+    assert_int_equal(router_openai_parse_chat(body, strlen(body), &ctx, &r, &err), PW_ERR_PARSE);
+    assert_non_null(strstr(err.message, "duplicate object key at line 1 column 17"));
+}
+
+/* Nesting past the cap is reported as nesting even when a syntax error comes first, as the
+ * old whole-body pre-scan did. */
+static void test_nesting_after_syntax_error(void **state)
+{
+    (void)state;
+    struct router_openai_ctx ctx = mkctx();
+    struct router_openai_error err;
+    Parkway__InferenceRequest *r;
+    size_t depth = ROUTER_OPENAI_JSON_DEPTH_MAX + 1;
+    char *b = malloc(depth + 64);
+    assert_non_null(b);
+    size_t o = (size_t)snprintf(b, 64, "{\"model\":smol,\"x\":");
+    memset(b + o, '[', depth);
+    o += depth;
+    assert_int_equal(router_openai_parse_chat(b, o, &ctx, &r, &err), PW_ERR_PARSE);
+    assert_int_equal(err.status, 400);
+    assert_non_null(strstr(err.message, "nesting"));
+    free(b);
+}
+
+/* jansson dropped a raw NUL byte right after a number or a literal; router_json refuses it
+ * like any other NUL byte outside a string. */
+static void test_raw_nul_after_number_refused(void **state)
+{
+    (void)state;
+    static const char body[] = "{\"model\":\"smol\",\"n\":1\0," MSGS "}";
+    struct bad_case c = {false, body, 400, NULL, NULL};
+    check_bad(&c, sizeof(body) - 1);
+    static const char body2[] = "{\"model\":\"smol\",\"stream\":true\0," MSGS "}";
+    struct bad_case c2 = {false, body2, 400, NULL, NULL};
+    check_bad(&c2, sizeof(body2) - 1);
+}
+
+/* Escapes are decoded into the strings the request carries, and every string outlives the
+ * parse (the tree's arena is gone by then). */
+static void test_escapes_reach_the_request(void **state)
+{
+    (void)state;
+    Parkway__InferenceRequest *r = chat_ok(
+        "{\"model\":\"sm\\u006fl\",\"stop\":[\"\\n\\n\",\"\\ud83d\\ude00\"],\"messages\":["
+        "{\"role\":\"us\\u0065r\",\"content\":\"caf\\u00e9 \\\"q\\\" \\\\ \\/\\t\",\"name\":"
+        "\"b\\u00f6\"},{\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"a\\n\"},"
+        "{\"type\":\"text\",\"text\":\"\xe2\x82\xac\"}]}]}");
+    assert_string_equal(r->function, "smol");
+    assert_int_equal(r->sampling->n_stop, 2);
+    assert_string_equal(r->sampling->stop[0], "\n\n");
+    assert_string_equal(r->sampling->stop[1], "\xf0\x9f\x98\x80");
+    assert_int_equal(r->n_messages, 2);
+    assert_string_equal(r->messages[0]->role, "user");
+    assert_string_equal(r->messages[0]->content, "caf\xc3\xa9 \"q\" \\ /\t");
+    assert_string_equal(r->messages[0]->name, "b\xc3\xb6");
+    assert_string_equal(r->messages[1]->content, "a\n\n\xe2\x82\xac");
+    pw_proto_free_request(r);
+}
+
+/* A body far bigger than the parser's stack buffer (its arena takes heap blocks). */
+static void test_big_body(void **state)
+{
+    (void)state;
+    size_t n = 300000;
+    size_t cap = n * 2 + 4096;
+    char *b = malloc(cap);
+    assert_non_null(b);
+    size_t o = (size_t)snprintf(b, cap, "{\"model\":\"smol\",\"messages\":[");
+    for (int m = 0; m < 3; m++) {
+        o += (size_t)snprintf(b + o, cap - o, "%s{\"role\":\"user\",\"content\":\"", m ? "," : "");
+        for (size_t i = 0; i < n / 3; i++)
+            b[o++] = (char)('a' + (i + (size_t)m) % 26);
+        o += (size_t)snprintf(b + o, cap - o, "\\n\"}");
+    }
+    o += (size_t)snprintf(b + o, cap - o, "]}");
+    struct router_openai_ctx ctx = mkctx();
+    struct router_openai_error err;
+    Parkway__InferenceRequest *r = NULL;
+    assert_int_equal(router_openai_parse_chat(b, o, &ctx, &r, &err), PW_OK);
+    free(b);
+    assert_int_equal(r->n_messages, 3);
+    for (int m = 0; m < 3; m++) {
+        assert_int_equal(strlen(r->messages[m]->content), n / 3 + 1);
+        assert_int_equal(r->messages[m]->content[0], 'a' + m);
+        assert_int_equal(r->messages[m]->content[n / 3], '\n');
+    }
+    pw_proto_free_request(r);
+
+    /* a completion prompt list of many token ids, one of them too big for int32 */
+    size_t ids = 50000;
+    cap = ids * 8 + 128;
+    b = malloc(cap);
+    assert_non_null(b);
+    o = (size_t)snprintf(b, cap, "{\"model\":\"smol\",\"prompt\":[");
+    for (size_t i = 0; i < ids; i++)
+        o += (size_t)snprintf(b + o, cap - o, "%s%zu", i ? "," : "", i % 1000);
+    snprintf(b + o, cap - o, "]}");
+    Parkway__InferenceRequest **reqs = NULL;
+    size_t nr = 0;
+    enum pw_err rc = router_openai_parse_completion(b, strlen(b), &ctx, &reqs, &nr, &err);
+    if (ids <= PW_PROTO_PROMPT_TOKENS_MAX) {
+        assert_int_equal(rc, PW_OK);
+        assert_int_equal(reqs[0]->n_prompt_token_ids, ids);
+        assert_int_equal(reqs[0]->prompt_token_ids[ids - 1], (ids - 1) % 1000);
+        router_openai_requests_free(reqs, nr);
+    } else {
+        assert_int_equal(rc, PW_ERR_PARSE);
+        assert_string_equal(err.code, "array_above_max_length");
+    }
+    free(b);
+}
+
 /* ---- errors ------------------------------------------------------------------------- */
 
 static void assert_json_eq(const char *got, size_t len, const char *want)
@@ -1631,6 +1757,11 @@ int main(void)
         cmocka_unit_test(test_many_messages),
         cmocka_unit_test(test_long_strings),
         cmocka_unit_test(test_mutated_bodies),
+        cmocka_unit_test(test_invalid_json_detail),
+        cmocka_unit_test(test_nesting_after_syntax_error),
+        cmocka_unit_test(test_raw_nul_after_number_refused),
+        cmocka_unit_test(test_escapes_reach_the_request),
+        cmocka_unit_test(test_big_body),
         cmocka_unit_test(test_error_constructors),
         cmocka_unit_test(test_acc_chat),
         cmocka_unit_test(test_acc_direct_matches_reference),
