@@ -674,3 +674,43 @@ enum pw_err engine_sampler_sample(struct engine_sampler *s, const float *logits,
     }
     return PW_OK;
 }
+
+int32_t engine_sampler_candidates_needed(const struct engine_sampler *s)
+{
+    const struct engine_sampler_params *p = &s->p;
+    bool rep = p->repetition_penalty != 1.0f && p->repetition_last_n != 0;
+    if (p->temperature != 0.0f || rep || p->presence_penalty != 0.0f ||
+        p->frequency_penalty != 0.0f)
+        return 0;
+    int32_t k = p->logprobs ? p->top_logprobs : 0;
+    k = k < 1 ? 1 : k;
+    return k < s->n_vocab ? k : s->n_vocab;
+}
+
+enum pw_err engine_sampler_sample_candidates(struct engine_sampler *s, const float *vals,
+                                             const int32_t *ids, int32_t k, float lse,
+                                             struct engine_sampler_result *out)
+{
+    const struct engine_sampler_params *p = &s->p;
+    int32_t need = engine_sampler_candidates_needed(s);
+    memset(out, 0, sizeof(*out));
+    if (need == 0 || k < need)
+        return PW_ERR_INVAL;
+    /* candidate 0 is the row's max (NaN ranks below -inf, as the full path's NaN -> -inf) */
+    if (!isfinite(vals[0]))
+        return PW_ERR_RANGE;
+    if (ids[0] < 0 || ids[0] >= s->n_vocab)
+        return PW_ERR_INVAL;
+    out->token = ids[0];
+    if (p->logprobs) {
+        out->logprob = vals[0] - lse;
+        int32_t n_top = min_i32(p->top_logprobs, s->n_vocab);
+        for (int32_t i = 0; i < n_top; i++) {
+            float v = isnan(vals[i]) ? -INFINITY : vals[i];
+            out->top[i].token = ids[i];
+            out->top[i].logprob = v - lse;
+        }
+        out->n_top = n_top;
+    }
+    return PW_OK;
+}

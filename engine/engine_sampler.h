@@ -123,6 +123,26 @@ enum pw_err engine_sampler_accept(struct engine_sampler *s, int32_t token);
 enum pw_err engine_sampler_sample(struct engine_sampler *s, const float *logits,
                                   struct engine_sampler_result *out);
 
+/*
+ * Sampling from device candidates (a backend's ops->topk), so a step need not copy whole
+ * logit rows to the host. engine_sampler_candidates_needed() is the number of best logits
+ * (1..ENGINE_SAMPLER_MAX_TOP_LOGPROBS) this sampler's next choice can be made from exactly,
+ * or 0 when it needs the whole row. Today: greedy choices (temperature 0) with no penalty
+ * in force (presence, frequency, repetition), for which the argmax is candidate 0 and the
+ * logprobs are candidate - log-sum-exp.
+ *
+ * engine_sampler_sample_candidates() makes that choice from vals/ids[0..k) (the k best
+ * logits, descending, lower id first on ties, NaN below -inf: what ops->topk returns) and
+ * lse (the row's log-sum-exp); k >= engine_sampler_candidates_needed() > 0. The token is
+ * the one engine_sampler_sample() picks from the whole row; logprobs agree with it to
+ * float rounding (lse is summed in another order). PW_ERR_RANGE as engine_sampler_sample()
+ * (no finite logit, or +inf); PW_ERR_INVAL when the sampler needs the whole row.
+ */
+int32_t engine_sampler_candidates_needed(const struct engine_sampler *s);
+enum pw_err engine_sampler_sample_candidates(struct engine_sampler *s, const float *vals,
+                                             const int32_t *ids, int32_t k, float lse,
+                                             struct engine_sampler_result *out);
+
 /* The params in force (borrowed, valid until reset or destroy). */
 const struct engine_sampler_params *engine_sampler_params(const struct engine_sampler *s);
 

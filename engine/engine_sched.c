@@ -68,7 +68,13 @@ struct engine_sched {
     int32_t *logit_rows;               /* (max_batch) */
     struct slot **b_slots;             /* (max_batch) slots in this step, by b_seq */
     float *logits;                     /* (max_batch, n_vocab) host */
-    char *text;                        /* delta assembly buffer */
+    /* Device candidates instead of whole rows (a backend with ops->topk, and every choice
+     * of the step one engine_sampler_sample_candidates can make): */
+    float *cand_val;       /* (max_batch, KERNEL_TOPK_MAX) */
+    int32_t *cand_id;      /* (max_batch, KERNEL_TOPK_MAX) */
+    float *cand_lse;       /* (max_batch) */
+    struct slot **lr_slot; /* (max_batch) the slot of each logit row */
+    char *text;            /* delta assembly buffer */
     size_t text_cap;
 };
 
@@ -139,11 +145,16 @@ enum pw_err engine_sched_create(struct engine_model *model, const struct engine_
     s->logit_rows = malloc(B * sizeof(int32_t));
     s->b_slots = malloc(B * sizeof *s->b_slots);
     s->logits = malloc((size_t)B * s->n_vocab * sizeof(float));
+    s->cand_val = malloc((size_t)B * KERNEL_TOPK_MAX * sizeof(float));
+    s->cand_id = malloc((size_t)B * KERNEL_TOPK_MAX * sizeof(int32_t));
+    s->cand_lse = malloc(B * sizeof(float));
+    s->lr_slot = malloc(B * sizeof *s->lr_slot);
     s->text_cap = 2 * ENGINE_DETOK_OUT_MAX + 2 * ENGINE_STOP_MAX_BYTES;
     s->text = malloc(s->text_cap);
     e = PW_ERR_NOMEM;
     if (!s->slots || !s->eog || !s->b_tokens || !s->b_pos || !s->b_seq || !s->b_table ||
-        !s->logit_rows || !s->b_slots || !s->logits || !s->text)
+        !s->logit_rows || !s->b_slots || !s->logits || !s->text || !s->cand_val || !s->cand_id ||
+        !s->cand_lse || !s->lr_slot)
         goto fail;
     struct engine_sampler_params dp;
     engine_sampler_params_default(&dp);
@@ -189,6 +200,10 @@ void engine_sched_destroy(struct engine_sched *s)
     free(s->logit_rows);
     free(s->b_slots);
     free(s->logits);
+    free(s->cand_val);
+    free(s->cand_id);
+    free(s->cand_lse);
+    free(s->lr_slot);
     free(s->text);
     free(s);
 }
@@ -431,14 +446,39 @@ static void add_rows(struct engine_sched *s, struct slot *sl, uint32_t seq_idx, 
     sl->logit_row = -1;
     if (sl->n_computed + chunk == sl->n_tokens) {
         sl->logit_row = (int32_t)*n_logits;
+        s->lr_slot[*n_logits] = sl;
         s->logit_rows[(*n_logits)++] = (int32_t)(*n_rows - 1);
     }
 }
 
-static void after_sample(struct engine_sched *s, struct slot *sl, const float *logits)
+/* The step's choices from device candidates: k of them per row, 0 when a choice needs its
+ * whole logit row (then the step downloads whole rows). */
+static uint32_t candidates_for_step(struct engine_sched *s, uint32_t n_logits)
+{
+    if (n_logits == 0 || !engine_model_has_topk(s->model))
+        return 0;
+    int32_t k = 1;
+    for (uint32_t i = 0; i < n_logits; i++) {
+        int32_t need = engine_sampler_candidates_needed(s->lr_slot[i]->sampler);
+        if (need == 0 || need > KERNEL_TOPK_MAX)
+            return 0;
+        k = need > k ? need : k;
+    }
+    return (uint32_t)k;
+}
+
+/* Chooses sl's next token, from its logit row or (cand_k > 0) from its candidates. */
+static void after_sample(struct engine_sched *s, struct slot *sl, int32_t lr, uint32_t cand_k)
 {
     struct engine_sampler_result r;
-    if (engine_sampler_sample(sl->sampler, logits, &r) != PW_OK) {
+    enum pw_err e;
+    if (cand_k)
+        e = engine_sampler_sample_candidates(sl->sampler, s->cand_val + (size_t)lr * cand_k,
+                                             s->cand_id + (size_t)lr * cand_k, (int32_t)cand_k,
+                                             s->cand_lse[lr], &r);
+    else
+        e = engine_sampler_sample(sl->sampler, s->logits + (size_t)lr * s->n_vocab, &r);
+    if (e != PW_OK) {
         finish_flush(s, sl, ENGINE_FINISH_STOP);
         return;
     }
@@ -577,7 +617,14 @@ again:;
         .max_blocks = s->max_blocks,
         .block_table = s->b_table,
     };
-    engine_model_forward(s->model, &b, s->logit_rows, n_logits, s->logits);
+    uint32_t cand_k = candidates_for_step(s, n_logits);
+    if (cand_k) {
+        engine_model_forward_topk(s->model, &b, s->logit_rows, n_logits, cand_k, s->cand_val,
+                                  s->cand_id, s->cand_lse);
+        s->stats.candidate_steps++;
+    } else {
+        engine_model_forward(s->model, &b, s->logit_rows, n_logits, s->logits);
+    }
     s->stats.steps++;
 
     /* Commit computed K/V, then sample in age order (callbacks may free slots). */
@@ -592,7 +639,7 @@ again:;
         int32_t lr = sl->logit_row;
         sl->chunk = 0;
         if (lr >= 0)
-            after_sample(s, sl, s->logits + (size_t)lr * s->n_vocab);
+            after_sample(s, sl, lr, cand_k);
     }
     return n_rows;
 }

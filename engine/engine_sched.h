@@ -94,6 +94,7 @@ struct engine_sched_stats {
     uint64_t preemptions;
     uint64_t cached_tokens;    /* prompt tokens reused from the prefix cache */
     uint64_t foreground_steps; /* steps that left background sequences out */
+    uint64_t candidate_steps;  /* steps whose choices came from device candidates */
 };
 
 struct engine_sched;

@@ -4,9 +4,10 @@
  * vocabulary row (a 128256-entry row is 513 KB; 64 rows of it took longer to copy than
  * the decode step that made them).
  *
- * One block per row. Values map to order-preserving 32-bit keys (NaN as -inf). A radix
- * select finds the k-th largest key T in four 8-bit passes over the row (shared-memory
- * histograms of the digit under the prefix found so far); the first pass also folds the
+ * One block per row. Values map to order-preserving 32-bit keys (NaN just below -inf, -0
+ * as +0). A radix select finds the k-th largest key T in four 8-bit passes over the row
+ * (shared-memory histograms of the digit under the prefix found so far); the first pass
+ * also folds the
  * row into a running (max, sum of exp) for the log-sum-exp. A last pass collects every
  * element above T and, in index order, as many equal to T as are still needed; the k
  * candidates are then ranked by (key, index). Bound: memory, five reads of the row. For
@@ -21,6 +22,8 @@ __device__ __forceinline__ uint32_t topk_key(float v)
     uint32_t u = __float_as_uint(v);
     if (isnan(v))
         return 0x007ffffeu; /* just below -inf's key (0x007fffff) */
+    if (v == 0.0f)
+        return 0x80000000u; /* -0 ranks as +0: ties between them go to the lower index */
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

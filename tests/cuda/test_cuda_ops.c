@@ -635,6 +635,8 @@ static uint32_t key_of(float v)
     memcpy(&u, &v, 4);
     if (isnan(v))
         return 0x007ffffeu;
+    if (v == 0.0f)
+        return 0x80000000u;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

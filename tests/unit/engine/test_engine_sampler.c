@@ -759,6 +759,120 @@ static double now_s(void)
 }
 
 /* Informational timing on the default model's vocabulary; asserts only the results. */
+/* ---- choices from candidates (a backend's ops->topk) ---------------------------------- */
+
+static const float *vals_dummy(void)
+{
+    static const float v[5] = {1, 0, 0, 0, 0};
+    return v;
+}
+
+static const float *cmp_row; /* qsort's context */
+
+static int cand_order(const void *a, const void *b)
+{
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    float x = isnan(cmp_row[i]) ? -INFINITY : cmp_row[i];
+    float y = isnan(cmp_row[j]) ? -INFINITY : cmp_row[j];
+    if (x != y)
+        return x > y ? -1 : 1;
+    return i < j ? -1 : i > j;
+}
+
+static void test_candidates_match_whole_row(void **state)
+{
+    (void)state;
+    enum { V = 700, K = 8 };
+    struct engine_sampler_params p;
+    engine_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    p.logprobs = true;
+    p.top_logprobs = 5;
+    struct engine_sampler *s = make(V, &p);
+    assert_int_equal(engine_sampler_candidates_needed(s), 5);
+    float *l = malloc(V * sizeof(float));
+    int32_t *order = malloc(V * sizeof(int32_t));
+    assert_non_null(l);
+    assert_non_null(order);
+    for (int trial = 0; trial < 200; trial++) {
+        random_logits(l, V, 77 + (uint64_t)trial, 8.0f);
+        for (int32_t i = 0; i < V; i++) {
+            if (trial % 3 == 0)
+                l[i] = roundf(l[i]); /* ties */
+            if (trial % 5 == 0 && i % 97 == 3)
+                l[i] = NAN;
+            if (trial % 7 == 0 && l[i] == 0.0f)
+                l[i] = (i % 2) ? -0.0f : 0.0f; /* signed zeros tie */
+        }
+        if (trial % 11 == 0) { /* the max is a -0/+0 tie: the lower id must win */
+            for (int32_t i = 0; i < V; i++)
+                l[i] = -1.0f;
+            l[10] = -0.0f;
+            l[20] = 0.0f;
+        }
+        for (int32_t i = 0; i < V; i++)
+            order[i] = i;
+        cmp_row = l;
+        qsort(order, V, sizeof(int32_t), cand_order);
+        float vals[K], lse;
+        int32_t ids[K];
+        double mx = l[order[0]], z = 0.0;
+        for (int32_t i = 0; i < V; i++)
+            if (!isnan(l[i]))
+                z += exp((double)l[i] - mx);
+        lse = (float)(mx + log(z));
+        for (int j = 0; j < K; j++) {
+            vals[j] = l[order[j]];
+            ids[j] = order[j];
+        }
+        struct engine_sampler_result a, b;
+        assert_int_equal(engine_sampler_sample(s, l, &a), PW_OK);
+        assert_int_equal(engine_sampler_sample_candidates(s, vals, ids, K, lse, &b), PW_OK);
+        assert_int_equal(a.token, b.token);
+        assert_true(fabsf(a.logprob - b.logprob) <= 1e-5f);
+        assert_int_equal(a.n_top, b.n_top);
+        for (int32_t j = 0; j < a.n_top; j++) {
+            assert_int_equal(a.top[j].token, b.top[j].token);
+            assert_true(fabsf(a.top[j].logprob - b.top[j].logprob) <= 1e-5f);
+        }
+    }
+    /* too few candidates, or none usable */
+    float v1[1] = {1.0f}, lse1 = 1.0f;
+    int32_t i1[1] = {0};
+    struct engine_sampler_result r;
+    assert_int_equal(engine_sampler_sample_candidates(s, v1, i1, 1, lse1, &r), PW_ERR_INVAL);
+    float vinf[5] = {INFINITY, 1, 1, 1, 1},
+          vneg[5] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int32_t i5[5] = {0, 1, 2, 3, 4};
+    assert_int_equal(engine_sampler_sample_candidates(s, vinf, i5, 5, 1.0f, &r), PW_ERR_RANGE);
+    assert_int_equal(engine_sampler_sample_candidates(s, vneg, i5, 5, 1.0f, &r), PW_ERR_RANGE);
+    engine_sampler_destroy(s);
+
+    /* what needs the whole row: sampling, and every penalty */
+    struct {
+        float temperature, presence, frequency, repetition;
+    } whole[] = {{0.7f, 0, 0, 1}, {0, 0.5f, 0, 1}, {0, 0, 0.1f, 1}, {0, 0, 0, 1.1f}};
+    for (size_t i = 0; i < sizeof whole / sizeof whole[0]; i++) {
+        engine_sampler_params_default(&p);
+        p.temperature = whole[i].temperature;
+        p.presence_penalty = whole[i].presence;
+        p.frequency_penalty = whole[i].frequency;
+        p.repetition_penalty = whole[i].repetition;
+        s = make(V, &p);
+        assert_int_equal(engine_sampler_candidates_needed(s), 0);
+        assert_int_equal(engine_sampler_sample_candidates(s, vals_dummy(), i5, 5, 0.0f, &r),
+                         PW_ERR_INVAL);
+        engine_sampler_destroy(s);
+    }
+    engine_sampler_params_default(&p);
+    p.temperature = 0.0f;
+    s = make(V, &p);
+    assert_int_equal(engine_sampler_candidates_needed(s), 1);
+    engine_sampler_destroy(s);
+    free(l);
+    free(order);
+}
+
 static void test_big_vocab_timing(void **state)
 {
     (void)state;
@@ -818,6 +932,7 @@ int main(void)
         cmocka_unit_test(test_presence_frequency_penalties),
         cmocka_unit_test(test_penalties_random_vs_bruteforce),
         cmocka_unit_test(test_big_vocab_against_sort),
+        cmocka_unit_test(test_candidates_match_whole_row),
         cmocka_unit_test(test_big_vocab_timing),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -17,6 +17,7 @@
 #include <cmocka.h>
 
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -247,6 +248,95 @@ static void test_late_join_same_tokens(void **state)
     engine_unload(&e);
     assert_same_tokens(&oa_alone, &oa, "late join", 20);
     assert_same_tokens(&ob_alone, &ob, "late join", 21);
+}
+
+/* ---- choices from device candidates (ops->topk) --------------------------------------- */
+
+/*
+ * The CPU backend has no ops->topk; this gives it one (the ops table is swapped for a copy
+ * with topk set: the CPU ops only ever cast `be` to their own state), so the scheduler's
+ * candidate path runs here exactly as it does on CUDA. CPU "device" memory is host memory.
+ */
+static struct kernel_ops topk_ops;
+static const float *cand_row; /* qsort's context: the tests run one at a time */
+
+static int cand_cmp(const void *a, const void *b)
+{
+    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
+    float x = cand_row[i], y = cand_row[j];
+    x = isnan(x) ? -INFINITY : x; /* the CUDA op ranks NaN just below -inf; no NaN here */
+    y = isnan(y) ? -INFINITY : y;
+    if (x != y) /* -0 == +0: the lower id first, as the sampler's argmax */
+        return x > y ? -1 : 1;
+    return i < j ? -1 : i > j;
+}
+
+static void host_topk(struct kernel_backend *be, const float *x, uint32_t n_rows, uint32_t n,
+                      uint32_t k, float *vals, int32_t *idx, float *lse)
+{
+    (void)be;
+    int32_t *order = malloc(n * sizeof(int32_t));
+    assert_non_null(order);
+    for (uint32_t r = 0; r < n_rows; r++) {
+        const float *row = x + (size_t)r * n;
+        for (uint32_t i = 0; i < n; i++)
+            order[i] = (int32_t)i;
+        cand_row = row;
+        qsort(order, n, sizeof(int32_t), cand_cmp);
+        for (uint32_t j = 0; j < k; j++) {
+            vals[r * k + j] = row[order[j]];
+            idx[r * k + j] = order[j];
+        }
+        double mx = row[order[0]], z = 0.0;
+        for (uint32_t i = 0; i < n; i++)
+            z += exp((double)row[i] - mx);
+        if (lse)
+            lse[r] = (float)(mx + log(z));
+    }
+    free(order);
+}
+
+static void run_batch(const struct req *rs, uint32_t n, bool candidates, struct out *outs,
+                      uint64_t *cand_steps, uint64_t *steps)
+{
+    struct engine e;
+    eng_open(&e, N_BATCH, 64, 0, 0);
+    if (candidates) {
+        topk_ops = *e.be->ops;
+        topk_ops.topk = host_topk;
+        e.be->ops = &topk_ops;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        submit(&e, &rs[i], &outs[i]);
+    run_to_end(&e);
+    *cand_steps = engine_sched_stats(e.sched)->candidate_steps;
+    *steps = engine_sched_stats(e.sched)->steps;
+    engine_unload(&e);
+}
+
+/* Greedy choices made from the device's best candidates give the same tokens as from whole
+ * logit rows; a step with one sampled choice falls back to whole rows for all of them. */
+static void test_candidate_choices_match_full_rows(void **state)
+{
+    (void)state;
+    struct req rs[N_BATCH];
+    static struct out full[N_BATCH], cand[N_BATCH];
+    uint64_t cs_full, cs_cand, st_full, st_cand;
+    batch_reqs(rs, 0.0f);
+    run_batch(rs, N_BATCH, false, full, &cs_full, &st_full);
+    run_batch(rs, N_BATCH, true, cand, &cs_cand, &st_cand);
+    assert_int_equal(cs_full, 0);
+    assert_int_equal(cs_cand, st_cand); /* every step had only greedy choices */
+    assert_true(st_cand > 0);
+    for (uint32_t i = 0; i < N_BATCH; i++)
+        assert_same_tokens(&full[i], &cand[i], "greedy: whole rows vs candidates", i);
+
+    rs[2].temperature = 0.9f; /* one sampled sequence */
+    run_batch(rs, N_BATCH, false, full, &cs_full, &st_full);
+    run_batch(rs, N_BATCH, true, cand, &cs_cand, &st_cand);
+    assert_true(cs_cand > 0 && cs_cand < st_cand); /* its steps took whole rows */
+    for (uint32_t i = 0; i < N_BATCH; i++)
+        assert_same_tokens(&full[i], &cand[i], "mixed: whole rows vs candidates", i);
 }
 
 /* ---- preemption ------------------------------------------------------------------------ */
@@ -592,6 +682,7 @@ int main(void)
         cmocka_unit_test(test_batch_invariance_greedy),
         cmocka_unit_test(test_batch_invariance_temperature),
         cmocka_unit_test(test_late_join_same_tokens),
+        cmocka_unit_test(test_candidate_choices_match_full_rows),
         cmocka_unit_test(test_preemption_completes_with_same_tokens),
         cmocka_unit_test(test_foreground_first_token_skips_background),
         cmocka_unit_test(test_foreground_preempts_background_first),
