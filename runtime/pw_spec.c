@@ -11,6 +11,7 @@
  * before it is used.
  */
 #include "pw_spec.h"
+#include "pw_yaml.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -279,38 +280,15 @@ static struct ynode *build(struct ctx *c, yaml_event_t *ev, int depth)
 {
     struct ynode *n = NULL;
     struct pw_spec_mark m = to_mark(ev->start_mark);
-    yaml_char_t *anchor = NULL, *tag = NULL;
-    bool implicit = true;
 
-    switch (ev->type) {
-    case YAML_ALIAS_EVENT:
-        fail(c, m, c->bpath, "YAML aliases are not allowed");
+    const char *refused = pw_yaml_refusal(ev);
+    if (refused) {
+        fail(c, m, c->bpath, "%s", refused);
         goto out;
-    case YAML_SCALAR_EVENT:
-        anchor = ev->data.scalar.anchor;
-        tag = ev->data.scalar.tag;
-        implicit = ev->data.scalar.plain_implicit || ev->data.scalar.quoted_implicit;
-        break;
-    case YAML_SEQUENCE_START_EVENT:
-        anchor = ev->data.sequence_start.anchor;
-        tag = ev->data.sequence_start.tag;
-        implicit = ev->data.sequence_start.implicit;
-        break;
-    case YAML_MAPPING_START_EVENT:
-        anchor = ev->data.mapping_start.anchor;
-        tag = ev->data.mapping_start.tag;
-        implicit = ev->data.mapping_start.implicit;
-        break;
-    default:
+    }
+    if (ev->type != YAML_SCALAR_EVENT && ev->type != YAML_SEQUENCE_START_EVENT &&
+        ev->type != YAML_MAPPING_START_EVENT) {
         fail(c, m, c->bpath, "unexpected YAML event");
-        goto out;
-    }
-    if (anchor) {
-        fail(c, m, c->bpath, "YAML anchors are not allowed");
-        goto out;
-    }
-    if (tag && !implicit) {
-        fail(c, m, c->bpath, "YAML tags are not allowed");
         goto out;
     }
     if (ev->type == YAML_SCALAR_EVENT) {

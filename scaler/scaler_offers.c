@@ -17,6 +17,8 @@
 #include <strings.h>
 #include <yaml.h>
 
+#include "pw_yaml.h"
+
 #define KEYPATH_MAX 96
 
 struct rctx {
@@ -61,38 +63,9 @@ static bool next(struct rctx *c, yaml_event_t *ev, const char *path)
         }
         return false;
     }
-    const yaml_char_t *anchor = NULL, *tag = NULL;
-    bool implicit = true;
-    switch (ev->type) {
-    case YAML_ALIAS_EVENT:
-        fail(c, ev->start_mark, path, PW_ERR_CONFIG, "YAML aliases are not allowed");
-        yaml_event_delete(ev);
-        return false;
-    case YAML_SCALAR_EVENT:
-        anchor = ev->data.scalar.anchor;
-        tag = ev->data.scalar.tag;
-        implicit = ev->data.scalar.plain_implicit || ev->data.scalar.quoted_implicit;
-        break;
-    case YAML_SEQUENCE_START_EVENT:
-        anchor = ev->data.sequence_start.anchor;
-        tag = ev->data.sequence_start.tag;
-        implicit = ev->data.sequence_start.implicit;
-        break;
-    case YAML_MAPPING_START_EVENT:
-        anchor = ev->data.mapping_start.anchor;
-        tag = ev->data.mapping_start.tag;
-        implicit = ev->data.mapping_start.implicit;
-        break;
-    default:
-        break;
-    }
-    if (anchor) {
-        fail(c, ev->start_mark, path, PW_ERR_CONFIG, "YAML anchors are not allowed");
-        yaml_event_delete(ev);
-        return false;
-    }
-    if (tag && !implicit) {
-        fail(c, ev->start_mark, path, PW_ERR_CONFIG, "YAML tags are not allowed");
+    const char *refused = pw_yaml_refusal(ev);
+    if (refused) {
+        fail(c, ev->start_mark, path, PW_ERR_CONFIG, "%s", refused);
         yaml_event_delete(ev);
         return false;
     }
