@@ -41,7 +41,9 @@ struct engine_opts {
     uint32_t max_batch;        /* sequences decoded together */
     uint32_t max_tok;          /* token rows per step (prefill chunk) */
     uint32_t n_ctx;            /* context length served; 0 = the model's */
-    uint32_t n_kv_blocks;      /* KV blocks; 0 = enough for max_batch full contexts */
+    uint32_t n_kv_blocks;      /* KV blocks; 0 = on a GPU what kv_mem_fraction of the free
+                                  memory holds, on the CPU max_batch full contexts */
+    float kv_mem_fraction;     /* GPU: share of the free memory for the KV cache; 0 = 0.9 */
 
     /* offline mode */
     const char *prompt;

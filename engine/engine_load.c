@@ -50,6 +50,7 @@ enum pw_err engine_load(struct engine *e, const struct engine_sched_cb *cb, char
         .n_ctx = o->n_ctx,
         .block_tokens = 16,
         .n_kv_blocks = o->n_kv_blocks,
+        .kv_mem_fraction = o->kv_mem_fraction,
     };
     if ((rc = engine_model_load(o->model_path, e->be, &mo, &e->model, err, errcap)))
         return rc;

@@ -283,8 +283,9 @@ enum pw_err engine_model_load(const char *path, struct kernel_backend *be,
         m->opts.block_tokens = 16;
     if (m->opts.n_ctx == 0 || m->opts.n_ctx > m->hp.n_ctx_train)
         m->opts.n_ctx = m->hp.n_ctx_train;
-    if (m->opts.n_kv_blocks == 0) {
-        uint64_t per_seq = (m->opts.n_ctx + m->opts.block_tokens - 1) / m->opts.block_tokens;
+    uint64_t per_seq = (m->opts.n_ctx + m->opts.block_tokens - 1) / m->opts.block_tokens;
+    bool size_by_memory = m->opts.n_kv_blocks == 0 && be->ops->mem_info != NULL;
+    if (m->opts.n_kv_blocks == 0 && !size_by_memory) {
         uint64_t n = per_seq * m->opts.max_logits;
         m->opts.n_kv_blocks = (uint32_t)(n > (1u << 24) ? (1u << 24) : n);
     }
@@ -294,6 +295,30 @@ enum pw_err engine_model_load(const char *path, struct kernel_backend *be,
     if ((e = alloc_buffers(m))) {
         set_err(err, errcap, "model: cannot allocate activation buffers: %s", pw_err_desc(e));
         goto fail;
+    }
+    if (size_by_memory) {
+        /* what the resident weights and buffers left, so the cache gets the rest */
+        size_t free_b = 0, total_b = 0;
+        if ((e = be->ops->mem_info(be, &free_b, &total_b))) {
+            set_err(err, errcap, "model: cannot read the device's free memory: %s", pw_err_desc(e));
+            goto fail;
+        }
+        double frac = m->opts.kv_mem_fraction > 0.0f ? m->opts.kv_mem_fraction : 0.90;
+        size_t block_bytes = (size_t)2 * m->hp.n_layer * m->opts.block_tokens * m->hp.n_head_kv *
+                             m->hp.head_dim * sizeof(uint16_t);
+        uint32_t n = engine_kv_blocks_for_memory(free_b, frac, block_bytes, 1u << 24);
+        if (n < per_seq) {
+            set_err(err, errcap,
+                    "model: %.0f%% of the %zu MiB free after the weights holds %u KV blocks; "
+                    "one %u-token context needs %llu",
+                    frac * 100.0, free_b >> 20, n, m->opts.n_ctx, (unsigned long long)per_seq);
+            e = PW_ERR_NOMEM;
+            goto fail;
+        }
+        m->opts.n_kv_blocks = n;
+        PW_LOG_INFO("event=engine_kv_sized free_mib=%zu total_mib=%zu fraction=%.2f blocks=%u "
+                    "contexts=%llu",
+                    free_b >> 20, total_b >> 20, frac, n, (unsigned long long)(n / per_seq));
     }
     struct kernel_kv_desc kd = {
         .n_layer = m->hp.n_layer,
@@ -426,6 +451,15 @@ void engine_model_forward(struct engine_model *m, const struct kernel_batch *b,
     if (n_logits)
         m->be->ops->download(m->be, logits, m->logits,
                              (size_t)n_logits * m->hp.n_vocab * sizeof(float));
+}
+
+uint32_t engine_kv_blocks_for_memory(size_t free_bytes, double fraction, size_t block_bytes,
+                                     uint32_t cap)
+{
+    if (block_bytes == 0 || !(fraction > 0.0) || fraction > 1.0)
+        return 0;
+    double n = (double)free_bytes * fraction / (double)block_bytes;
+    return n >= (double)cap ? cap : (uint32_t)n;
 }
 
 const float *engine_model_logits_device(const struct engine_model *m)

@@ -44,7 +44,11 @@ struct engine_model_opts {
     uint32_t max_logits;   /* most rows that need logits in one step (>= max batch) */
     uint32_t n_ctx;        /* longest sequence served (<= n_ctx_train; 0 = n_ctx_train) */
     uint32_t block_tokens; /* KV block size in tokens (default 16) */
-    uint32_t n_kv_blocks;  /* KV blocks; 0 = enough for max_logits sequences of n_ctx */
+    uint32_t n_kv_blocks;  /* KV blocks; 0 = sized by the backend's memory (below), or
+                              where it has no ops->mem_info, enough for max_logits
+                              sequences of n_ctx */
+    float kv_mem_fraction; /* with n_kv_blocks 0 on a device backend: fill this fraction of
+                              the memory free after weights and buffers; 0 = 0.90 */
 };
 
 struct engine_model;
@@ -61,6 +65,13 @@ void engine_model_destroy(struct engine_model *m);
 const struct engine_hparams *engine_model_hparams(const struct engine_model *m);
 /* The model's GGUF file (for the tokenizer and chat template); borrowed from the model. */
 const struct engine_gguf *engine_model_gguf(const struct engine_model *m);
+/*
+ * KV blocks that fit `fraction` of `free_bytes` at `block_bytes` each (K and V of all
+ * layers), at most `cap`; 0 when not even one fits. Pure; engine_model_load uses it.
+ */
+uint32_t engine_kv_blocks_for_memory(size_t free_bytes, double fraction, size_t block_bytes,
+                                     uint32_t cap);
+
 /* The effective options after defaults (n_ctx, n_kv_blocks, ...). */
 const struct engine_model_opts *engine_model_opts(const struct engine_model *m);
 /* Bytes of the KV cache and of the activation buffers. */

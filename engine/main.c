@@ -44,7 +44,11 @@ static void usage(FILE *out)
             "  --max-batch N          sequences decoded together (default 16)\n"
             "  --max-tok N            token rows per step / prefill chunk (default 256)\n"
             "  --ctx N                context length served (default: spec or model)\n"
-            "  --kv-blocks N          KV cache blocks of 16 tokens\n"
+            "  --kv-blocks N          KV cache blocks of 16 tokens (default: on a GPU, what\n"
+            "                         --kv-mem-fraction of the free memory holds; on the CPU,\n"
+            "                         max-batch full contexts)\n"
+            "  --kv-mem-fraction F    GPU: share of the memory free after the weights for the\n"
+            "                         KV cache, (0, 1] (default 0.9)\n"
             "  --chat-template NAME   chatml, llama2, llama3, mistral, zephyr\n");
 }
 
@@ -107,6 +111,7 @@ int main(int argc, char **argv)
         O_MAX_TOK,
         O_CTX,
         O_KV_BLOCKS,
+        O_KV_FRACTION,
         O_TEMPLATE,
         O_HELP,
         O_CLAIM_IDLE,
@@ -135,6 +140,7 @@ int main(int argc, char **argv)
         {"max-tok", required_argument, NULL, O_MAX_TOK},
         {"ctx", required_argument, NULL, O_CTX},
         {"kv-blocks", required_argument, NULL, O_KV_BLOCKS},
+        {"kv-mem-fraction", required_argument, NULL, O_KV_FRACTION},
         {"chat-template", required_argument, NULL, O_TEMPLATE},
         {"help", no_argument, NULL, O_HELP},
         {"claim-idle-ms", required_argument, NULL, O_CLAIM_IDLE},
@@ -223,6 +229,16 @@ int main(int argc, char **argv)
             break;
         case O_KV_BLOCKS:
             bad |= parse_u32("kv-blocks", optarg, 1u << 24, &o->n_kv_blocks);
+            break;
+        case O_KV_FRACTION:
+            if (parse_float("kv-mem-fraction", optarg, &o->kv_mem_fraction) == 0 &&
+                !(o->kv_mem_fraction > 0.0f && o->kv_mem_fraction <= 1.0f)) {
+                fprintf(stderr, "parkway-engine: --kv-mem-fraction: expected (0, 1], got '%s'\n",
+                        optarg);
+                bad = 1;
+            } else if (o->kv_mem_fraction == 0.0f) {
+                bad = 1; /* parse_float said why */
+            }
             break;
         case O_GPU:
             o->gpu = true;

@@ -250,6 +250,13 @@ struct kernel_ops {
      */
     void (*topk)(struct kernel_backend *be, const float *x, uint32_t n_rows, uint32_t n, uint32_t k,
                  float *vals, int32_t *idx, float *lse);
+
+    /*
+     * Optional: free and total bytes of the backend's device memory now, so the engine can
+     * size the KV cache from what the weights left (backends whose memory is the host's
+     * leave it NULL).
+     */
+    enum pw_err (*mem_info)(struct kernel_backend *be, size_t *free_bytes, size_t *total_bytes);
 };
 
 /* Every backend starts with this header; the engine calls be->ops->x(be, ...). */

@@ -23,7 +23,7 @@
 extern "C" {
 #endif
 
-#define KERNEL_CUDA_PLUGIN_ABI 2
+#define KERNEL_CUDA_PLUGIN_ABI 3
 #define KERNEL_CUDA_PLUGIN_FILE "libparkway_cuda.so"
 #define KERNEL_CUDA_PLUGIN_SYMBOL "pw_kernel_cuda_plugin"
 

@@ -678,6 +678,7 @@ static const struct kernel_ops cuda_ops = {
     .step_begin = cuda_step_begin,
     .step_end = cuda_step_end,
     .topk = cuda_op_topk,
+    .mem_info = kernel_cuda_mem_info,
 };
 
 extern "C" int kernel_cuda_device_count(void)

@@ -399,6 +399,83 @@ static void test_tied_equals_untied_copy(void **state)
     }
 }
 
+/* ---- KV cache sized from the device's free memory ---- */
+
+static void test_kv_blocks_for_memory(void **state)
+{
+    (void)state;
+    assert_int_equal(engine_kv_blocks_for_memory(1000, 0.9, 100, 1000), 9);
+    assert_int_equal(engine_kv_blocks_for_memory(1000, 1.0, 100, 1000), 10);
+    assert_int_equal(engine_kv_blocks_for_memory(99, 1.0, 100, 1000), 0);
+    assert_int_equal(engine_kv_blocks_for_memory((size_t)1 << 40, 0.9, 1, 1u << 24), 1u << 24);
+    assert_int_equal(engine_kv_blocks_for_memory(1000, 0.0, 100, 1000), 0);
+    assert_int_equal(engine_kv_blocks_for_memory(1000, 1.5, 100, 1000), 0);
+    assert_int_equal(engine_kv_blocks_for_memory(1000, 0.5, 0, 1000), 0);
+}
+
+/*
+ * A backend that reports device memory (the CPU backend with a mem_info swapped into a
+ * copy of its ops table: its ops only ever cast `be` to their own state).
+ */
+static size_t fake_free;
+static int fake_calls;
+
+static enum pw_err fake_mem_info(struct kernel_backend *be, size_t *free_b, size_t *total_b)
+{
+    (void)be;
+    fake_calls++;
+    *free_b = fake_free;
+    *total_b = fake_free * 2;
+    return PW_OK;
+}
+
+static void test_kv_sized_from_free_memory(void **state)
+{
+    struct fixture *fx = *state;
+    static struct kernel_ops ops;
+    const struct kernel_ops *orig = fx->be->ops;
+    ops = *orig;
+    ops.mem_info = fake_mem_info;
+    fx->be->ops = &ops;
+    char *path = gen_write(KERNEL_DTYPE_F16, false);
+    struct engine_model *m = NULL;
+    char err[256] = "";
+    struct engine_model_opts o = small_opts;
+    o.n_kv_blocks = 0;
+    o.kv_mem_fraction = 0.5f;
+    /* the block size comes from the generated model's shape */
+    fake_free = (size_t)64 << 20;
+    fake_calls = 0;
+    assert_int_equal(engine_model_load(path, fx->be, &o, &m, err, sizeof err), PW_OK);
+    const struct engine_hparams *hp = engine_model_hparams(m);
+    size_t block = (size_t)2 * hp->n_layer * 16 * hp->n_head_kv * hp->head_dim * 2;
+    assert_int_equal(fake_calls, 1);
+    assert_int_equal(engine_model_opts(m)->n_kv_blocks,
+                     engine_kv_blocks_for_memory(fake_free, 0.5, block, 1u << 24));
+    assert_true(engine_model_opts(m)->n_kv_blocks > 100);
+    assert_int_equal(engine_model_kv_bytes(m), (size_t)engine_model_opts(m)->n_kv_blocks * block);
+    engine_model_destroy(m);
+
+    /* an explicit block count is kept, and memory is not asked */
+    o.n_kv_blocks = 8;
+    fake_calls = 0;
+    assert_int_equal(engine_model_load(path, fx->be, &o, &m, err, sizeof err), PW_OK);
+    assert_int_equal(engine_model_opts(m)->n_kv_blocks, 8);
+    assert_int_equal(fake_calls, 0);
+    engine_model_destroy(m);
+
+    /* too little memory for one context: a clear error, not a tiny cache */
+    o.n_kv_blocks = 0;
+    fake_free = block * 3; /* 64-token context needs 4 blocks */
+    m = (struct engine_model *)0x1;
+    assert_int_equal(engine_model_load(path, fx->be, &o, &m, err, sizeof err), PW_ERR_NOMEM);
+    assert_null(m);
+    assert_non_null(strstr(err, "one 64-token context needs 4"));
+    fx->be->ops = orig;
+    unlink(path);
+    free(path);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -412,6 +489,8 @@ int main(void)
         cmocka_unit_test(test_missing_file),
         cmocka_unit_test(test_every_weight_type_loads_with_finite_logits),
         cmocka_unit_test(test_tied_equals_untied_copy),
+        cmocka_unit_test(test_kv_blocks_for_memory),
+        cmocka_unit_test(test_kv_sized_from_free_memory),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
