@@ -401,14 +401,6 @@ static double last_load_ms(const struct stack *st)
     return v;
 }
 
-static double median(double *v, unsigned n)
-{
-    if (n == 0)
-        return -1;
-    qsort(v, n, sizeof *v, bench_cmp_double);
-    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
 static void usage(FILE *f)
 {
     fprintf(f, "usage: bench_coldstart [--parkway PATH] [--spec FILE] [--runs N] [--idle-s N]\n");
@@ -537,10 +529,10 @@ int main(int argc, char **argv)
         if (!cold.ok || !w.ok || !p.ok)
             rc = 1;
     }
-    double mn = median(nothing, n_nothing), mp = median(parked, n_parked),
-           mw = median(warm, n_warm);
-    double mur = median(unpark_ready, n_split), ml = median(load, n_split),
-           mpr = median(provision_ready, n_prov);
+    double mn = bench_median(nothing, n_nothing), mp = bench_median(parked, n_parked),
+           mw = bench_median(warm, n_warm);
+    double mur = bench_median(unpark_ready, n_split), ml = bench_median(load, n_split),
+           mpr = bench_median(provision_ready, n_prov);
     printf("\nmedian of %u runs: from_nothing %.1f ms (target <= 1500), from_parked %.1f ms "
            "(target <= 300), warm %.1f ms (target <= 50)\n",
            b.runs, mn, mp, mw);

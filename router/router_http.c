@@ -58,6 +58,7 @@
 
 #define ARENA_ALIGN 16u
 #define ARENA_BLOCK 4096u        /* bytes per ordinary arena block (the first holds the req) */
+#define ARENA_CACHE 64u          /* ordinary blocks a worker keeps for reuse */
 #define READ_HIGH_WATER 65536u   /* input bytes buffered while a request is in the handler */
 #define LINGER_MS 1000u          /* lingering close: read and discard this long at most */
 #define LINGER_MAX_BYTES 1048576 /* ... or this many bytes */
@@ -195,6 +196,10 @@ struct worker {
     uint64_t rng[2]; /* xorshift128+ for request ids */
     time_t date_sec;
     char date[40]; /* "Date: ...\r\n" for date_sec */
+    /* Freed ARENA_BLOCK-sized blocks kept for the next requests (this worker's thread
+     * only): a request's first block no longer costs a malloc and a free. */
+    struct arena_blk *blk_cache;
+    unsigned n_blk_cache;
 };
 
 struct router_http_server {
@@ -457,9 +462,13 @@ static const struct router_req *req_of_const(const struct router_http_request *p
 
 static struct router_req *req_new(struct worker *w)
 {
-    struct arena_blk *b = malloc(ARENA_BLOCK);
-    if (!b)
+    struct arena_blk *b = w->blk_cache;
+    if (b) {
+        w->blk_cache = b->next;
+        w->n_blk_cache--;
+    } else if (!(b = malloc(ARENA_BLOCK))) {
         return NULL;
+    }
     b->cap = ARENA_BLOCK - ARENA_HDR;
     b->next = NULL;
     b->used = align_up(sizeof(struct router_req));
@@ -487,11 +496,18 @@ static void req_free(struct router_req *r)
     free(r->spool_buf);
     if (r->spool_fd >= 0)
         close(r->spool_fd); /* unlinked: the last close frees its blocks */
-    /* r lives in one of these blocks: read the list head first. */
+    /* r lives in one of these blocks: read the list head and the worker first. */
+    struct worker *w = r->w;
     struct arena_blk *b = r->arena.list;
     while (b) {
         struct arena_blk *next = b->next;
-        free(b);
+        if (b->cap == ARENA_BLOCK - ARENA_HDR && w->n_blk_cache < ARENA_CACHE) {
+            b->next = w->blk_cache;
+            w->blk_cache = b;
+            w->n_blk_cache++;
+        } else {
+            free(b);
+        }
         b = next;
     }
 }
@@ -2246,6 +2262,11 @@ void router_http_server_destroy(struct router_http_server *srv)
         if (w->base)
             event_base_free(w->base);
         pthread_mutex_destroy(&w->mu);
+        while (w->blk_cache) {
+            struct arena_blk *next = w->blk_cache->next;
+            free(w->blk_cache);
+            w->blk_cache = next;
+        }
     }
     free(srv->workers);
     SSL_CTX_free(srv->ssl_ctx);

@@ -38,6 +38,8 @@ run() {
 run bench_kernels
 run bench_engine --reps 3
 run bench_router --seconds 3
+# the router's overhead at 16 connections as the median of 7 paired (raw, chat) rounds
+run bench_router --seconds 2 --conns 16,16,16,16,16,16,16
 run bench_coldstart --runs 5
 run bench_batch
 echo "run-bench: JSON lines in $out"

@@ -23,5 +23,7 @@ pid_t bench_spawn(char *const argv[], const char *log);
 void bench_exe_rel(char *out, size_t cap, const char *rel);
 /* qsort comparator for doubles, ascending. */
 int bench_cmp_double(const void *a, const void *b);
+/* The median of v[0..n) (sorts v in place); -1 when n is 0. */
+double bench_median(double *v, size_t n);
 
 #endif
