@@ -9,9 +9,9 @@ BUILD_ASAN ?= build-asan
 CMAKE_FLAGS ?=
 CTEST_FLAGS ?= --output-on-failure
 PARKWAY_UP_FLAGS ?=
-# Integration tests too slow under ASan for CI (their code paths have ASan unit tests):
-# the batch test kills and restarts processes over hundreds of generated lines.
-ASAN_SKIP ?= test_batch_api
+# Tests to leave out of the ASan pass (a regex for ctest -E); none today. test_batch_api
+# takes about 2 minutes under ASan (it kills and restarts processes over hundreds of lines).
+ASAN_SKIP ?= ^$$
 
 .PHONY: all deps build build-asan test test-release test-asan up bench clean format
 
