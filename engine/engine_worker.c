@@ -12,7 +12,10 @@
  *      free for interactive work (when max_batch > 1) and within the batch-lane cap
  *      (a step budget, PW_WORKER_BATCH_STEP_MS); blocking up to PW_WORKER_BLOCK_MS on both
  *      only when idle. Batch-lane requests run as background sequences: a new interactive
- *      request gets its first token from a step without their rows (engine_sched.h);
+ *      request gets its first token from a step without their rows (engine_sched.h). With
+ *      every slot busy and batch lines among them, an interactive request is still read
+ *      (at most every PW_WORKER_EVICT_CHECK_MS) and a batch line is evicted for it: back
+ *      to the lane as attempt + 1 (evict_for_interactive);
  *   4. deadlines of what runs, and its cancel flags (pw:cancel:{id}: one pipelined round
  *      trip, at most every PW_WORKER_CANCEL_EVERY_MS, at once after a new request);
  *   5. one scheduler step; its callbacks queue ReplyChunks (XADD to each reply_to);
@@ -80,6 +83,9 @@
  * for this long, batch lines may use max_batch - 1 slots (there is no one to keep steps
  * short for; the first interactive request brings the cap back at once). */
 #define PW_WORKER_INTERACTIVE_RECENT_MS 5000
+/* With every slot busy and batch lines among them: how often to look for interactive work
+ * that would evict one (a non-blocking read). */
+#define PW_WORKER_EVICT_CHECK_MS 20
 
 struct worker;
 struct worker_req;
@@ -107,7 +113,8 @@ struct worker_req {
     uint32_t completion_tokens, cached_tokens;
     int64_t picked_ms, first_token_ms;
     bool deadline_hit;
-    bool done; /* every choice finished and the done chunk queued */
+    bool evicting; /* a batch line making room for interactive work: see evict_for */
+    bool done;     /* every choice finished and the done chunk queued */
     struct worker_req *next;
 };
 
@@ -136,6 +143,8 @@ struct worker {
     double batch_step_ema_ms; /* steps with batch rows only; 0 = none seen yet */
     uint64_t batch_adjust_ms;
     uint64_t interactive_ms; /* mono ms an interactive request was last submitted; 0 = never */
+    uint64_t evict_check_ms; /* mono ms of the last look for interactive work while full */
+    uint64_t lines_evicted;
 };
 
 static volatile sig_atomic_t stop_requested;
@@ -360,6 +369,8 @@ static Parkway__FinishReason finish_reason(enum engine_finish f)
     }
 }
 
+static void requeue_evicted(struct worker *w, struct worker_req *q);
+
 static void on_finish(void *ud, uint64_t seq_id, enum engine_finish reason, const char *text,
                       size_t len, const struct engine_seq_usage *usage)
 {
@@ -367,6 +378,11 @@ static void on_finish(void *ud, uint64_t seq_id, enum engine_finish reason, cons
     struct worker_req *q = ch->req;
     ch->finished = true;
     q->n_finished++;
+    if (q->evicting) { /* no answer: the line runs again from the lane */
+        if (q->n_finished == q->n_choices)
+            requeue_evicted(q->w, q);
+        return;
+    }
     q->completion_tokens += usage->completion_tokens;
     if (usage->cached_tokens > q->cached_tokens)
         q->cached_tokens = usage->cached_tokens;
@@ -866,6 +882,106 @@ static void cancel_req(struct worker *w, struct worker_req *q)
     }
 }
 
+/*
+ * Batch-line eviction. Every slot busy with batch lines among them leaves an interactive
+ * request waiting for a line to finish (the engine keeps only one slot free for
+ * interactive work). Instead the worker takes the waiting request and ends a batch line
+ * early: it goes back to the batch lane as attempt + 1 (XADD, then XACK of the old entry,
+ * pipelined in that order) and runs again from its prompt later. The batch coordinator
+ * keeps each line's highest attempt, so the chunks this attempt already sent are
+ * superseded; results are recorded once per custom_id either way.
+ */
+static void requeue_evicted(struct worker *w, struct worker_req *q)
+{
+    q->done = true; /* reaped after this step either way */
+    q->msg->attempt = q->attempt + 1;
+    uint8_t *buf = NULL;
+    size_t n = 0;
+    if (pw_proto_pack_request_alloc(q->msg, &buf, &n, NULL) != PW_OK) {
+        /* left pending unacknowledged: claimed again once stale, as after a crash */
+        PW_LOG_WARN("event=batch_line_evict_failed request=%s", q->msg->id);
+        return;
+    }
+    const char *argv[] = {"XADD", w->key_b, "*", PW_STREAM_FIELD, (const char *)buf};
+    size_t lens[] = {4, strlen(w->key_b), 1, strlen(PW_STREAM_FIELD), n};
+    append_argv(w, 5, argv, lens);
+    free(buf);
+    ack(w, q->stream, q->entry_id);
+    w->lines_evicted++;
+    PW_LOG_INFO("event=batch_line_evicted request=%s attempt=%u next_attempt=%u", q->msg->id,
+                q->attempt, q->attempt + 1);
+}
+
+/* Interactive choices not started, and running choices of lines already being evicted. */
+static void evict_counts(const struct worker *w, uint32_t *waiting, uint32_t *freeing)
+{
+    *waiting = *freeing = 0;
+    for (const struct worker_req *q = w->reqs; q; q = q->next) {
+        if (q->done)
+            continue;
+        for (uint32_t i = 0; i < q->n_choices; i++) {
+            const struct worker_choice *ch = &q->choices[i];
+            if (q->stream == w->key_q && !ch->seq_id && !ch->finished)
+                (*waiting)++;
+            if (q->evicting && ch->seq_id && !ch->finished)
+                (*freeing)++;
+        }
+    }
+}
+
+/* Ends the newest batch line (the least work lost); false when none runs. */
+static bool evict_one(struct worker *w)
+{
+    struct worker_req *victim = NULL;
+    for (struct worker_req *q = w->reqs; q; q = q->next) {
+        if (q->done || q->evicting || q->stream != w->key_b)
+            continue;
+        bool running = false;
+        for (uint32_t i = 0; i < q->n_choices; i++)
+            running |= q->choices[i].seq_id && !q->choices[i].finished;
+        if (running && (!victim || q->picked_ms > victim->picked_ms))
+            victim = q;
+    }
+    if (!victim)
+        return false;
+    victim->evicting = true;
+    for (uint32_t i = 0; i < victim->n_choices; i++) {
+        struct worker_choice *ch = &victim->choices[i];
+        if (ch->finished)
+            continue;
+        if (ch->seq_id) {
+            engine_sched_cancel(w->e->sched, ch->seq_id); /* ends at the next step */
+        } else {
+            struct engine_seq_usage u = {.prompt_tokens = victim->n_prompt};
+            on_finish(ch, 0, ENGINE_FINISH_CANCELLED, "", 0, &u);
+        }
+    }
+    return true;
+}
+
+/* With every slot busy and batch lines running: take a waiting interactive request (a
+ * non-blocking read, at most every PW_WORKER_EVICT_CHECK_MS) and evict as many lines as
+ * its choices need. */
+static void evict_for_interactive(struct worker *w)
+{
+    struct engine_sched *sc = w->e->sched;
+    if (engine_sched_free_slots(sc) > 0 || engine_sched_background(sc) == 0)
+        return;
+    uint32_t waiting, freeing;
+    evict_counts(w, &waiting, &freeing);
+    if (waiting == 0) {
+        uint64_t now = pw_clock_mono_ms();
+        if (now - w->evict_check_ms < PW_WORKER_EVICT_CHECK_MS)
+            return;
+        w->evict_check_ms = now;
+        if (read_new(w, w->key_q, 1, false, 0) == 0)
+            return;
+        evict_counts(w, &waiting, &freeing);
+    }
+    while (freeing < waiting && evict_one(w))
+        evict_counts(w, &waiting, &freeing);
+}
+
 /* Deadlines of what runs (every call) and cancel flags: one pipelined EXISTS per request,
  * one round trip, at most every PW_WORKER_CANCEL_EVERY_MS (at once after a new request). */
 static void check_cancels(struct worker *w)
@@ -1131,8 +1247,10 @@ int engine_worker_run(struct engine *e)
                     read_new(&w, w.key_q, free_slots, true, broom);
             }
         }
+        if (!draining && mode == MODE_ACTIVE)
+            evict_for_interactive(&w);
         for (struct worker_req *q = w.reqs; q; q = q->next)
-            if (!q->done)
+            if (!q->done && !q->evicting)
                 submit_choices(&w, q);
         check_cancels(&w);
         if (engine_sched_active(e->sched) > 0) {

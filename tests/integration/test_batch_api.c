@@ -20,6 +20,7 @@
 #include <hiredis/hiredis.h>
 #include <jansson.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -724,6 +725,81 @@ static void test_interactive_ahead_of_batch(void **state)
     json_decref(poll_batch(bid, "completed|", 0, 120));
 }
 
+/* One interactive chat completion, for a thread (no cmocka asserts off the main thread). */
+struct ireq {
+    int status;
+    double ms;
+};
+
+static void *ireq_main(void *arg)
+{
+    struct ireq *r = arg;
+    static const char body[] = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\","
+                               "\"content\":\"now\"}],\"max_tokens\":8}";
+    struct timespec t0, t1;
+    struct resp rs;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    r->status = -1;
+    if (http("POST", "/v1/chat/completions", g_key_a, NULL, body, sizeof body - 1, &rs) == 0) {
+        r->status = rs.status;
+        free(rs.body);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    r->ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    return NULL;
+}
+
+/* Counts lines of the engine's log holding needle. */
+static int engine_log_count(const char *needle)
+{
+    char path[256], line[4096];
+    snprintf(path, sizeof path, "%s/engine.log", g_dir);
+    FILE *f = fopen(path, "r");
+    int n = 0;
+    while (f && fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    if (f)
+        fclose(f);
+    return n;
+}
+
+/* Three interactive requests at once while batch lines hold every other slot: the engine
+ * keeps one slot for interactive work, so the other two evict batch lines, which go back
+ * to the lane as attempt + 1; the batch still yields every line exactly once. */
+static void test_interactive_evicts_batch_lines(void **state)
+{
+    (void)state;
+    char fid[128], bid[128];
+    char *lines = chat_lines(40, 200, "ev-");
+    assert_int_equal(upload(g_key_a, lines, fid, sizeof fid, NULL, 0), 200);
+    free(lines);
+    int evicted_before = engine_log_count("event=batch_line_evicted");
+    create_batch(g_key_a, fid, bid, sizeof bid);
+    json_decref(poll_batch(bid, NULL, 1, 120));
+    enum { N = 3 };
+    pthread_t th[N];
+    struct ireq r[N];
+    for (int i = 0; i < N; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, ireq_main, &r[i]), 0);
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < N; i++)
+        if (r[i].status != 200)
+            fail_msg("interactive request %d: status %d after %.0f ms", i, r[i].status, r[i].ms);
+    json_t *b = poll_batch(bid, "completed|failed|expired|cancelled|", 0, 200);
+    assert_string_equal(json_string_value(json_object_get(b, "status")), "completed");
+    json_t *rc = json_object_get(b, "request_counts");
+    assert_int_equal(json_integer_value(json_object_get(rc, "completed")), 40);
+    assert_int_equal(json_integer_value(json_object_get(rc, "failed")), 0);
+    assert_int_equal(
+        check_output(json_string_value(json_object_get(b, "output_file_id")), "ev-", 200), 40);
+    json_decref(b);
+    int evicted = engine_log_count("event=batch_line_evicted") - evicted_before;
+    if (evicted < 1)
+        fail_msg("no batch line was evicted (interactive: %.0f, %.0f, %.0f ms)", r[0].ms, r[1].ms,
+                 r[2].ms);
+}
+
 /* Kills a process mid-batch and checks that exactly every line comes out once. */
 static void restart_mid_batch(bool engine, bool router)
 {
@@ -789,6 +865,7 @@ int main(void)
         cmocka_unit_test(test_other_tenant_gets_404),
         cmocka_unit_test(test_cancel_keeps_finished_lines),
         cmocka_unit_test(test_interactive_ahead_of_batch),
+        cmocka_unit_test(test_interactive_evicts_batch_lines),
         cmocka_unit_test(test_engine_killed_mid_batch_loses_nothing),
         cmocka_unit_test(test_router_killed_mid_batch_loses_nothing),
     };
