@@ -68,6 +68,7 @@
 #include "parkway.pb-c.h"
 #include "pw_apikey.h"
 #include "bench_util.h"
+#include "pw_cli.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_proto.h"
@@ -773,12 +774,12 @@ int main(int argc, char **argv)
                              .probe_tokens = 8,
                              .gap_ms = 200,
                              .rounds = 3};
-    bench_exe_rel(b.router, sizeof b.router, "../router/parkway-router");
-    bench_exe_rel(b.engine, sizeof b.engine, "../engine/parkway-engine");
+    (void)pw_cli_exe_rel(b.router, sizeof b.router, "../router/parkway-router");
+    (void)pw_cli_exe_rel(b.engine, sizeof b.engine, "../engine/parkway-engine");
     snprintf(b.redis_server, sizeof b.redis_server, "redis-server");
     snprintf(b.spec, sizeof b.spec, "functions/smollm2-135m.yaml");
     if (access(b.spec, R_OK) != 0)
-        bench_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
+        (void)pw_cli_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
     enum {
         O_LINES = 256,
         O_MAXTOK,

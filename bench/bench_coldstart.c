@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "bench_util.h"
+#include "pw_cli.h"
 #include "pw_clock.h"
 #include "pw_keyspace.h"
 #include "pw_redis.h"
@@ -409,10 +410,10 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     struct bench b = {.runs = 5, .idle_s = 2};
-    bench_exe_rel(b.parkway, sizeof b.parkway, "../tools/parkway");
+    (void)pw_cli_exe_rel(b.parkway, sizeof b.parkway, "../tools/parkway");
     snprintf(b.spec, sizeof b.spec, "functions/smollm2-135m.yaml");
     if (access(b.spec, R_OK) != 0)
-        bench_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
+        (void)pw_cli_exe_rel(b.spec, sizeof b.spec, "../../functions/smollm2-135m.yaml");
     static const struct option longopts[] = {
         {"parkway", required_argument, NULL, 'p'}, {"spec", required_argument, NULL, 's'},
         {"runs", required_argument, NULL, 'n'},    {"idle-s", required_argument, NULL, 'i'},

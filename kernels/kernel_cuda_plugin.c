@@ -2,6 +2,7 @@
  * kernel_cuda_plugin: finds and loads libparkway_cuda.so (see the header).
  */
 #include "kernel_cuda_plugin.h"
+#include "pw_cli.h"
 
 #include <dlfcn.h>
 #include <limits.h>
@@ -21,17 +22,7 @@ static void plugin_path(char *out, size_t cap)
         snprintf(out, cap, "%s", env);
         return;
     }
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
-        snprintf(out, cap, "%s", KERNEL_CUDA_PLUGIN_FILE);
-        return;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        slash[1] = '\0';
-    snprintf(out, cap, "%s%s", slash ? self : "", KERNEL_CUDA_PLUGIN_FILE);
+    (void)pw_cli_exe_rel(out, cap, KERNEL_CUDA_PLUGIN_FILE); /* next to the executable */
 }
 
 static const struct kernel_cuda_plugin *load(char *why, size_t cap)

@@ -199,9 +199,7 @@ static const unsigned char str_class[256] = {
     4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
 };
 
-/* Length of the well-formed UTF-8 sequence at s (n bytes available), or 0: no overlongs,
- * no surrogates, at most U+10FFFF (what jansson's utf8_check_full takes). */
-static size_t utf8_seq(const unsigned char *s, size_t n)
+size_t router_json_utf8_seq(const unsigned char *s, size_t n)
 {
     unsigned c = s[0];
     size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
@@ -276,7 +274,7 @@ static bool decode_string(struct parser *ps, const unsigned char *r, const unsig
             continue;
         }
         if (c >= 0x80) {
-            size_t k = utf8_seq(r, (size_t)(q - r));
+            size_t k = router_json_utf8_seq(r, (size_t)(q - r));
             if (k == 0)
                 return fail(ps, r, "invalid UTF-8 in string");
             memcpy(o, r, k);

@@ -68,6 +68,12 @@ void router_json_arena_deinit(struct router_json_arena *a);
 /* size bytes, 8-aligned, valid until deinit; NULL on out of memory. */
 void *router_json_arena_alloc(struct router_json_arena *a, size_t size);
 
+/* Length of the well-formed multi-byte UTF-8 sequence at s (n >= 1 bytes available), or 0
+ * when it is not one: no overlongs, no surrogates, at most U+10FFFF (what jansson
+ * accepts). An ASCII byte is not a multi-byte sequence: 0. The router's writers use it
+ * too, so reading and writing agree on what valid UTF-8 is. */
+size_t router_json_utf8_seq(const unsigned char *s, size_t n);
+
 /* ---- tree --------------------------------------------------------------------------- */
 
 enum router_json_type {

@@ -77,29 +77,10 @@ static void utf8_trim_tail(char *s)
         s[i - 1] = '\0';
 }
 
-/* Length of the well-formed UTF-8 sequence at s (what jansson accepts: no overlongs, no
- * surrogates, at most U+10FFFF), or 0. */
+/* Length of the well-formed UTF-8 sequence at s (ASCII: 1), or 0 (router_json's rule). */
 static size_t utf8_seq(const unsigned char *s, size_t n)
 {
-    unsigned c = s[0];
-    if (c < 0x80)
-        return 1;
-    size_t need = (c >= 0xC2 && c < 0xE0)   ? 2
-                  : (c >= 0xE0 && c < 0xF0) ? 3
-                  : (c >= 0xF0 && c < 0xF5) ? 4
-                                            : 0;
-    if (need == 0 || need > n)
-        return 0;
-    uint32_t cp = c & (0x7Fu >> need);
-    for (size_t k = 1; k < need; k++) {
-        if ((s[k] & 0xC0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[k] & 0x3Fu);
-    }
-    if ((need == 3 && cp < 0x800) || (need == 4 && cp < 0x10000) || cp > 0x10FFFF ||
-        (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return need;
+    return s[0] < 0x80 ? 1 : router_json_utf8_seq(s, n);
 }
 
 static bool utf8_valid(const char *s, size_t n)

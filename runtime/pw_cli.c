@@ -2,8 +2,10 @@
 #include "pw_cli.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 bool pw_cli_parse_uint(const char *s, unsigned long long max, unsigned long long *out)
@@ -30,4 +32,21 @@ void pw_cli_host_pid_id(char *buf, size_t cap, const char *fallback)
               *p == '-' || *p == '.'))
             *p = '-';
     snprintf(buf, cap, "%s-%d", host, (int)getpid());
+}
+
+bool pw_cli_exe_rel(char *out, size_t cap, const char *rel)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash)
+            *slash = '\0';
+        int w = snprintf(out, cap, "%s/%s", self, rel);
+        if (w >= 0 && (size_t)w < cap)
+            return true;
+    }
+    snprintf(out, cap, "%s", rel);
+    return false;
 }

@@ -17,4 +17,8 @@ bool pw_cli_parse_uint(const char *s, unsigned long long max, unsigned long long
  * name cannot be read. */
 void pw_cli_host_pid_id(char *buf, size_t cap, const char *fallback);
 
+/* rel resolved against the directory of the running executable ("<dir>/<rel>") into out.
+ * False, with out = rel, when /proc/self/exe cannot be read or the path does not fit. */
+bool pw_cli_exe_rel(char *out, size_t cap, const char *rel);
+
 #endif

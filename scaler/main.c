@@ -27,6 +27,7 @@
 
 #include <event2/event.h>
 
+#include "pw_cli.h"
 #include "pw_clock.h"
 #include "pw_log.h"
 #include "pw_redis.h"
@@ -109,27 +110,13 @@ static void on_stop(evutil_socket_t sig, short what, void *arg)
     scaler_terminate_all(s, "scaler_stopping");
 }
 
-/* ../engine/parkway-engine relative to this executable. */
+/* ../engine/parkway-engine relative to this executable, made canonical. */
 static void default_engine(char *buf, size_t cap)
 {
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
+    if (!pw_cli_exe_rel(buf, cap, "../engine/parkway-engine")) {
         snprintf(buf, cap, "parkway-engine");
         return;
     }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    static const char rel[] = "/../engine/parkway-engine";
-    size_t n_self = strlen(self);
-    if (n_self + sizeof rel > cap) {
-        snprintf(buf, cap, "parkway-engine");
-        return;
-    }
-    memcpy(buf, self, n_self);
-    memcpy(buf + n_self, rel, sizeof rel);
     char real[PATH_MAX];
     if (realpath(buf, real))
         snprintf(buf, cap, "%s", real);

@@ -67,23 +67,6 @@ pid_t bench_spawn(char *const argv[], const char *log)
     return pid;
 }
 
-void bench_exe_rel(char *out, size_t cap, const char *rel)
-{
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
-        snprintf(out, cap, "%s", rel);
-        return;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = '\0';
-    int w = snprintf(out, cap, "%s/%s", self, rel);
-    if (w < 0 || (size_t)w >= cap)
-        snprintf(out, cap, "%s", rel);
-}
-
 int bench_cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;

@@ -18,9 +18,6 @@ double bench_loadavg1(void);
 /* Starts argv[0] (searched in PATH) with stdout and stderr to log (truncated) and
  * SIGTERM when the benchmark dies. The child's pid, or -1. */
 pid_t bench_spawn(char *const argv[], const char *log);
-/* rel resolved against the directory of the running executable into out (rel as it is
- * when that cannot be read or does not fit). */
-void bench_exe_rel(char *out, size_t cap, const char *rel);
 /* qsort comparator for doubles, ascending. */
 int bench_cmp_double(const void *a, const void *b);
 /* The median of v[0..n) (sorts v in place); -1 when n is 0. */

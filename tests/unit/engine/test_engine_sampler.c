@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "engine_sampler.h"
+#include "pw_test_cand.h"
 
 #define N_CTX 4096
 #define BIG_VOCAB 49152
@@ -767,18 +768,6 @@ static const float *vals_dummy(void)
     return v;
 }
 
-static const float *cmp_row; /* qsort's context */
-
-static int cand_order(const void *a, const void *b)
-{
-    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    float x = isnan(cmp_row[i]) ? -INFINITY : cmp_row[i];
-    float y = isnan(cmp_row[j]) ? -INFINITY : cmp_row[j];
-    if (x != y)
-        return x > y ? -1 : 1;
-    return i < j ? -1 : i > j;
-}
-
 static void test_candidates_match_whole_row(void **state)
 {
     (void)state;
@@ -810,10 +799,7 @@ static void test_candidates_match_whole_row(void **state)
             l[10] = -0.0f;
             l[20] = 0.0f;
         }
-        for (int32_t i = 0; i < V; i++)
-            order[i] = i;
-        cmp_row = l;
-        qsort(order, V, sizeof(int32_t), cand_order);
+        pw_test_candidate_order(l, V, order);
         float vals[K], lse;
         int32_t ids[K];
         double mx = l[order[0]], z = 0.0;

@@ -26,6 +26,7 @@
 #include "engine_model.h"
 #include "gguf_gen.h"
 #include "kernel.h"
+#include "pw_test_cand.h"
 
 #define N_CTX 256u
 #define MAX_GEN 256u
@@ -258,19 +259,6 @@ static void test_late_join_same_tokens(void **state)
  * candidate path runs here exactly as it does on CUDA. CPU "device" memory is host memory.
  */
 static struct kernel_ops topk_ops;
-static const float *cand_row; /* qsort's context: the tests run one at a time */
-
-static int cand_cmp(const void *a, const void *b)
-{
-    int32_t i = *(const int32_t *)a, j = *(const int32_t *)b;
-    float x = cand_row[i], y = cand_row[j];
-    x = isnan(x) ? -INFINITY : x; /* the CUDA op ranks NaN just below -inf; no NaN here */
-    y = isnan(y) ? -INFINITY : y;
-    if (x != y) /* -0 == +0: the lower id first, as the sampler's argmax */
-        return x > y ? -1 : 1;
-    return i < j ? -1 : i > j;
-}
-
 static void host_topk(struct kernel_backend *be, const float *x, uint32_t n_rows, uint32_t n,
                       uint32_t k, float *vals, int32_t *idx, float *lse)
 {
@@ -279,10 +267,7 @@ static void host_topk(struct kernel_backend *be, const float *x, uint32_t n_rows
     assert_non_null(order);
     for (uint32_t r = 0; r < n_rows; r++) {
         const float *row = x + (size_t)r * n;
-        for (uint32_t i = 0; i < n; i++)
-            order[i] = (int32_t)i;
-        cand_row = row;
-        qsort(order, n, sizeof(int32_t), cand_cmp);
+        pw_test_candidate_order(row, (int32_t)n, order);
         for (uint32_t j = 0; j < k; j++) {
             vals[r * k + j] = row[order[j]];
             idx[r * k + j] = order[j];
